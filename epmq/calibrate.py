@@ -1,0 +1,577 @@
+"""The layer-wise calibration engine: walk the blocks in forward order, capture every quantizable weight's
+inputs with hooks (in the partially quantized model and in each expert), quantize in true-sequential groups,
+and re-run the block to propagate.
+
+Two propagation modes:
+
+``sequential`` (default, faithful to GPTQ and METHOD.md section 3)
+    The inputs X_t of a layer come from the model whose earlier layers are already quantized, so the
+    statistics depend on the quantizer and the bit width: they are recomputed inside :func:`quantize_model`
+    for every (method, bits, ...) and never shared. The calibrate-collect artefact then holds only what is
+    quantizer-independent: the calibration batches themselves.
+
+``fp``
+    All statistics come from the full-precision merged model and the experts. They do not depend on the
+    quantizer, so :func:`collect_stats` computes them once, they are saved (:func:`save_stats`), and every
+    quantizer, bit width and hyperparameter reuses them (:func:`quantize_model` with ``stats=``).
+
+Expert inputs always come from the expert's own blocks in full precision (the expert is never quantized).
+Memory: statistics and hidden states are kept for the current block only; experts may be lazy state-dict
+mappings (e.g. safetensors) and only one expert block is materialised at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from epmq.errors import EPMQError, check_finite
+from epmq.models.adapters import Adapter, Site, get_adapter
+from epmq.quant import METHODS, QuantMethod
+from epmq.quant.result import QuantResult
+from epmq.quant.rounding import gptq, rtn
+from epmq.quant.target import FoldedStats, TaskStats, objective, solve_target
+
+__all__ = ["QuantConfig", "QuantizeReport", "quantize_model", "collect_stats", "save_stats", "load_stats"]
+
+
+@dataclass
+class QuantConfig:
+    """Every knob of one quantization run (what the workflow's ``params:`` carry)."""
+
+    method: str = "epmq"
+    bits: int = 4
+    group_size: int = -1
+    sym: bool = False
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    alpha: float = 1.0
+    lam_out: float = 0.0
+    lam_w: float = 1e-2
+    task_weighting: str = "trace"
+    fit_bias: bool = False
+    propagation: str = "sequential"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise EPMQError(f"method={self.method!r}: expected one of {sorted(METHODS)}")
+        if self.propagation not in ("sequential", "fp"):
+            raise EPMQError(f"propagation={self.propagation!r}: expected 'sequential' or 'fp'")
+
+    @property
+    def spec(self) -> QuantMethod:
+        return METHODS[self.method]
+
+
+@dataclass
+class QuantizeReport:
+    """What :func:`quantize_model` did: results per quantized parameter (full state-dict name) and a log row
+    per layer (seconds, errors)."""
+
+    results: dict[str, QuantResult] = field(default_factory=dict)
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    layers: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------ model / expert plumbing
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class _Call:
+    """One captured block call: positional args and kwargs, hidden state in ``args[0]``."""
+
+    args: tuple
+    kwargs: dict
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.args[0]
+
+    def with_hidden(self, h: torch.Tensor) -> "_Call":
+        return _Call((h, *self.args[1:]), self.kwargs)
+
+
+def _capture_block_inputs(model: nn.Module, block: nn.Module, adapter: Adapter, batches, device) -> list[_Call]:
+    calls: list[_Call] = []
+
+    def hook(_mod, args, kwargs):
+        if not args:  # hidden state passed by keyword
+            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+            kwargs = dict(kwargs)
+            args = (kwargs.pop(key),)
+        calls.append(_Call(tuple(args), dict(kwargs)))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                adapter.run(model, _to(batch, device))
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if len(calls) != len(batches):
+        raise EPMQError(f"the first block ran {len(calls)} times for {len(batches)} calibration batches")
+    return calls
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, Mapping):
+        return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def _run_block(block: nn.Module, call: _Call) -> torch.Tensor:
+    out = block(*call.args, **call.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _state_dict_of(expert) -> Mapping[str, torch.Tensor]:
+    return expert.state_dict() if isinstance(expert, nn.Module) else expert
+
+
+def _load_from(module: nn.Module, sd: Mapping[str, torch.Tensor], prefix: str, who: str) -> None:
+    with torch.no_grad():
+        for k, p in module.state_dict(keep_vars=True).items():
+            key = prefix + k
+            try:
+                src = sd[key]
+            except KeyError:
+                raise EPMQError(f"{who}: missing key {key!r}") from None
+            if tuple(src.shape) != tuple(p.shape):
+                raise EPMQError(f"{who}: {key!r} has shape {tuple(src.shape)}, the model expects {tuple(p.shape)}")
+            p.data.copy_(src.to(p.device, p.dtype))
+
+
+class _Capture:
+    """Hooks that record the inputs of a group's sites during one block call (by input key)."""
+
+    def __init__(self, sites: Sequence[Site]):
+        self.sites = sites
+        self.inputs: dict[str, torch.Tensor] = {}
+        self._busy = False
+
+    def __enter__(self):
+        self.handles = []
+        for s in self.sites:
+            if s.kind == "linear":
+                self.handles.append(s.owner.register_forward_pre_hook(self._linear_hook(s.input_key)))
+            elif s.kind == "mha_in":
+                self.handles.append(s.owner.register_forward_pre_hook(self._mha_in_hook(s), with_kwargs=True))
+            elif s.kind == "mha_out":
+                mha = _parent_mha(s)
+                self.handles.append(mha.register_forward_pre_hook(self._mha_out_hook(s, mha), with_kwargs=True))
+            else:
+                raise EPMQError(f"{s.name}: unknown site kind {s.kind!r}")
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def _linear_hook(self, key):
+        def hook(_mod, args):
+            self.inputs[key] = args[0].detach()
+
+        return hook
+
+    def _mha_in_hook(self, site):
+        def hook(_mod, args, kwargs):
+            if self._busy:
+                return
+            q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args) :])[:3]
+            if not (k is q and v is q):
+                raise EPMQError(f"{site.name}: fused in_proj capture needs self-attention (query is key is value)")
+            self.inputs[site.input_key] = q.detach()
+
+        return hook
+
+    def _mha_out_hook(self, site, mha):
+        def hook(_mod, args, kwargs):
+            if self._busy:
+                return
+            eye = torch.eye(mha.embed_dim, device=mha.out_proj.weight.device, dtype=mha.out_proj.weight.dtype)
+            params = {"out_proj.weight": eye}
+            if mha.out_proj.bias is not None:
+                params["out_proj.bias"] = torch.zeros_like(mha.out_proj.bias)
+            self._busy = True
+            try:
+                ctx = torch.func.functional_call(mha, params, args, kwargs)[0]
+            finally:
+                self._busy = False
+            self.inputs[site.input_key] = ctx.detach()
+
+        return hook
+
+
+def _parent_mha(site: Site) -> nn.MultiheadAttention:
+    mha = getattr(site.owner, "_epmq_parent_mha", None)
+    if mha is None:
+        raise EPMQError(f"{site.name}: mha_out site without its parent nn.MultiheadAttention")
+    return mha
+
+
+def _link_mha_parents(block: nn.Module) -> None:
+    for m in block.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            object.__setattr__(m.out_proj, "_epmq_parent_mha", m)
+
+
+# ------------------------------------------------------------------ the engine
+
+
+@dataclass
+class _Streams:
+    """Per task: the calls into the current block for the model being quantized and for the expert."""
+
+    model: list[list[_Call]]
+    expert: list[list[_Call]] | None
+
+
+class _Engine:
+    def __init__(self, model, calib, experts, adapter, device, progress, desc):
+        self.model = model
+        self.adapter = adapter if isinstance(adapter, Adapter) else get_adapter(model, adapter)
+        self.device = torch.device(device) if device else _default_device()
+        self.calib = calib
+        self.experts = None if experts is None else [_state_dict_of(e) for e in experts]
+        if self.experts is not None and calib and len(self.experts) != len(calib):
+            raise EPMQError(f"{len(self.experts)} experts but {len(calib)} calibration tasks: need one per task")
+        self.progress, self.desc = progress, desc
+        self.blocks = self.adapter.find_blocks(model)
+        for _, b in self.blocks:
+            _link_mha_parents(b)
+
+    def streams(self) -> _Streams:
+        """Capture the inputs of the first block for every task, in the model and in each expert."""
+        model = self.model.eval().to(self.device)
+        first = self.blocks[0][1]
+        with torch.no_grad():
+            mine = [_capture_block_inputs(model, first, self.adapter, b, self.device) for b in self.calib]
+            theirs = None
+            if self.experts is not None:
+                work = copy.deepcopy(model)
+                work_first = self.adapter.find_blocks(work)[0][1]
+                theirs = []
+                for t, (sd, batches) in enumerate(zip(self.experts, self.calib)):
+                    _load_from(work, sd, "", f"expert {t}")
+                    theirs.append(_capture_block_inputs(work, work_first, self.adapter, batches, self.device))
+                self.work = work
+        return _Streams(mine, theirs)
+
+    def expert_block(self, idx: int, t: int) -> nn.Module:
+        prefix, _ = self.blocks[idx]
+        block = self.adapter.find_blocks(self.work)[idx][1]
+        _load_from(block, self.experts[t], prefix, f"expert {t}")
+        _link_mha_parents(block)
+        return block
+
+    def group_stats(self, idx, sites, streams, t, with_expert) -> dict[str, TaskStats]:
+        """Statistics of one task for one group of sites (shared inputs computed once)."""
+        block = self.blocks[idx][1]
+        keys = {}
+        for s in sites:
+            keys.setdefault(s.input_key, s)
+        stats = {
+            k: TaskStats(s.weight.shape[1], with_expert=with_expert, device=self.device) for k, s in keys.items()
+        }
+        eblock = self.expert_block(idx, t) if with_expert else None
+        esites = self.adapter.find_linears(eblock) if with_expert else None
+        esites = [s for g in esites for s in g if s.input_key in keys] if with_expert else None
+        with torch.no_grad():
+            for i, call in enumerate(streams.model[t]):
+                with _Capture(list(keys.values())) as cap:
+                    _run_block(block, call)
+                xe = {}
+                if with_expert:
+                    with _Capture(esites) as ecap:
+                        _run_block(eblock, streams.expert[t][i])
+                    xe = ecap.inputs
+                for k in keys:
+                    x = cap.inputs[k]
+                    name = f"{self.blocks[idx][0]}{keys[k].name} task {t}"
+                    stats[k].add(x, xe.get(k) if with_expert else None, name=name)
+        return stats
+
+    def propagate(self, idx, streams, with_expert) -> None:
+        block = self.blocks[idx][1]
+        with torch.no_grad():
+            for t, calls in enumerate(streams.model):
+                streams.model[t] = [c.with_hidden(_run_block(block, c)) for c in calls]
+                check_finite(streams.model[t][0].hidden, f"hidden state after {self.blocks[idx][0]}")
+            if with_expert:
+                for t, calls in enumerate(streams.expert):
+                    eb = self.expert_block(idx, t)
+                    streams.expert[t] = [c.with_hidden(_run_block(eb, c)) for c in calls]
+
+    def bar(self):
+        from tqdm.auto import tqdm
+
+        return tqdm(range(len(self.blocks)), desc=self.desc, unit="block", disable=not self.progress)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _expert_weight(engine: _Engine, t: int, prefix: str, site: Site):
+    sd = engine.experts[t]
+    key = prefix + site.name
+    try:
+        W = sd[key]
+    except KeyError:
+        raise EPMQError(f"expert {t}: missing key {key!r}") from None
+    if tuple(W.shape) != tuple(site.weight.shape):
+        raise EPMQError(f"expert {t}: {key!r} has shape {tuple(W.shape)}, merged has {tuple(site.weight.shape)}")
+    b = None
+    if site.bias_name is not None:
+        b = sd[prefix + site.bias_name].to(engine.device)
+    return W.to(engine.device), b
+
+
+def _fold(engine, cfg, idx, site, per_task: list[dict[str, TaskStats]], use_experts: bool) -> FoldedStats:
+    prefix = engine.blocks[idx][0]
+    W = site.weight
+    folded = FoldedStats(W.shape[0], W.shape[1], alpha=cfg.alpha, task_weighting=cfg.task_weighting, device=engine.device)
+    for t, stats in enumerate(per_task):
+        Wt, bt = _expert_weight(engine, t, prefix, site) if use_experts else (None, None)
+        folded.add_task(stats[site.input_key], Wt, bt, name=f"{prefix}{site.name} task {t}")
+    return folded
+
+
+def _quantize_site(cfg: QuantConfig, site: Site, full_name: str, folded: FoldedStats | None):
+    """Quantize one site per the method's (target, Hessian, rounding); returns (weight, bias, result, log)."""
+    spec = cfg.spec
+    W_m = site.weight.detach().float()
+    b_m = None if site.bias is None else site.bias.detach().float()
+    log = {"layer": full_name, "d_out": W_m.shape[0], "d_in": W_m.shape[1]}
+    t0 = time.perf_counter()
+    target = None
+    if spec.target == "epmq" or spec.hessian == "epmq":
+        target = solve_target(
+            folded, W_m, b_m, lam_out=cfg.lam_out, lam_w=cfg.lam_w, fit_bias=cfg.fit_bias, name=full_name
+        )
+    W_goal = target.W_star if spec.target == "epmq" else W_m
+    if spec.hessian == "pooled":
+        H = folded.G_pool[:-1, :-1]
+    elif spec.hessian == "epmq":
+        H = target.H
+    else:
+        H = None
+    kw = dict(group_size=cfg.group_size, sym=cfg.sym, name=full_name)
+    result = None
+    if spec.rounding == "rtn":
+        result = rtn(W_goal, cfg.bits, **kw)
+        Q = result.weight
+    elif spec.rounding == "gptq":
+        result = gptq(
+            W_goal,
+            H,
+            cfg.bits,
+            act_order=cfg.act_order,
+            static_groups=cfg.static_groups,
+            damp=cfg.damp,
+            block_size=cfg.block_size,
+            **kw,
+        )
+        Q = result.weight
+    else:
+        Q = W_goal.float()
+    bias = None
+    if cfg.fit_bias and spec.target == "epmq" and target.b_star is not None:
+        bias = target.refit_bias(Q)
+        if result is not None:
+            result.bias = bias
+    log["seconds"] = time.perf_counter() - t0
+    if folded is not None:
+        G = folded.G_pool[:-1, :-1]
+        dW = (Q - W_m).double()
+        log["rel_err_merged"] = float(torch.einsum("ij,jk,ik->", dW, G, dW)) / max(
+            float(torch.einsum("ij,jk,ik->", W_m.double(), G, W_m.double())), 1e-30
+        )
+        if target is not None:
+            log["epmq_objective"] = objective(Q, target)
+    return Q, bias, result, log
+
+
+def _write(site: Site, Q: torch.Tensor, bias: torch.Tensor | None) -> None:
+    with torch.no_grad():
+        w = site.weight
+        w.data.copy_(Q.to(w.device, w.dtype))
+        if bias is not None:
+            site.bias.data.copy_(bias.to(site.bias.device, site.bias.dtype))
+
+
+def quantize_model(
+    model: nn.Module,
+    calib: Sequence[Sequence] | None,
+    cfg: QuantConfig,
+    *,
+    experts: Sequence[nn.Module | Mapping[str, torch.Tensor]] | None = None,
+    adapter: Adapter | str | None = None,
+    stats: Mapping[str, list[TaskStats]] | None = None,
+    device=None,
+    progress: bool = True,
+) -> QuantizeReport:
+    """Quantize every site of ``model`` in place (fake-quant weights) with ``cfg.method``.
+
+    Args:
+        model: the merged model (an architecture an adapter recognises).
+        calib: per task, a list of calibration batches (``adapter.run(model, batch)`` accepts each);
+            unused by RTN and in ``fp`` propagation with precomputed ``stats``.
+        cfg: the method and its knobs.
+        experts: per task, the expert (module or state-dict mapping with the model's keys); needed by
+            methods that use expert targets or E-PMQ's Hessian.
+        stats: precomputed ``fp``-mode statistics from :func:`collect_stats` (site full name -> per task).
+        device: where to compute (default: CUDA if available, else CPU).
+
+    Returns:
+        a :class:`QuantizeReport` with the :class:`QuantResult` of every rounded weight (full state-dict names).
+    """
+    spec = cfg.spec
+    report = QuantizeReport()
+    t_start = time.perf_counter()
+    use_experts = spec.target == "epmq" or spec.hessian == "epmq"
+    engine = _Engine(model, calib or [], experts if use_experts else None, adapter, device, progress, cfg.method)
+    if use_experts and engine.experts is None:
+        raise EPMQError(f"method {cfg.method!r} needs the experts (one per calibration task)")
+    needs_data = spec.hessian is not None or spec.target == "epmq"
+    sequential = needs_data and stats is None
+    if needs_data and stats is None and cfg.propagation == "fp":
+        stats = collect_stats(model, calib, experts if use_experts else None, adapter=engine.adapter, device=device,
+                              progress=progress)
+        sequential = False
+    if stats is not None and use_experts:
+        n_tasks = {len(v) for v in stats.values()}
+        if n_tasks != {len(engine.experts)}:
+            raise EPMQError(f"{len(engine.experts)} experts but statistics for {sorted(n_tasks)} tasks")
+    if sequential and not calib:
+        raise EPMQError(f"method {cfg.method!r} needs calibration batches")
+    streams = engine.streams() if sequential else None
+    for idx in engine.bar():
+        prefix, block = engine.blocks[idx]
+        for group in engine.adapter.find_linears(block):
+            per_task = None
+            if sequential:
+                per_task = [
+                    engine.group_stats(idx, group, streams, t, with_expert=use_experts)
+                    for t in range(len(engine.calib))
+                ]
+            for site in group:
+                full = prefix + site.name
+                folded = None
+                if needs_data:
+                    if per_task is None:
+                        if full not in stats:
+                            raise EPMQError(f"statistics have no entry for {full!r}")
+                        folded = _fold(engine, cfg, idx, site, [{site.input_key: s} for s in stats[full]], use_experts)
+                    else:
+                        folded = _fold(engine, cfg, idx, site, per_task, use_experts)
+                Q, bias, result, log = _quantize_site(cfg, site, full, folded)
+                _write(site, Q, bias)
+                if result is not None:
+                    report.results[full] = result
+                if bias is not None:
+                    report.biases[prefix + site.bias_name] = bias
+                report.layers.append(log)
+        if sequential:
+            engine.propagate(idx, streams, with_expert=use_experts)
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def collect_stats(
+    model: nn.Module,
+    calib: Sequence[Sequence],
+    experts: Sequence | None = None,
+    *,
+    adapter: Adapter | str | None = None,
+    device=None,
+    progress: bool = True,
+) -> dict[str, list[TaskStats]]:
+    """``fp``-mode statistics of every site (full state-dict name -> one :class:`TaskStats` per task), from
+    the full-precision ``model`` and, if given, the experts' own inputs. Independent of the quantizer."""
+    engine = _Engine(model, calib, experts, adapter, device, progress, "collect")
+    with_expert = experts is not None
+    streams = engine.streams()
+    out: dict[str, list[TaskStats]] = {}
+    for idx in engine.bar():
+        prefix, block = engine.blocks[idx]
+        sites = [s for g in engine.adapter.find_linears(block) for s in g]
+        per_task = [engine.group_stats(idx, sites, streams, t, with_expert) for t in range(len(calib))]
+        for s in sites:
+            out[prefix + s.name] = [pt[s.input_key] for pt in per_task]
+        engine.propagate(idx, streams, with_expert)
+    return out
+
+
+def save_stats(stats: Mapping[str, list[TaskStats]], path, *, metadata: dict | None = None) -> None:
+    """Write ``fp``-mode statistics as safetensors (atomically); shared inputs are stored once."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    tensors, index, seen = {}, {}, {}
+    for name, per_task in stats.items():
+        refs = []
+        for t, s in enumerate(per_task):
+            key = seen.get(id(s))
+            if key is None:
+                key = f"{name}/task{t}"
+                seen[id(s)] = key
+                tensors[f"{key}/G"] = s.G.contiguous().cpu()
+                if s.C is not None:
+                    tensors[f"{key}/C"] = s.C.contiguous().cpu()
+            refs.append([key, s.n])
+        index[name] = refs
+    meta = {"index": json.dumps(index), "epmq_stats_version": "1"}
+    meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_stats(path) -> dict[str, list[TaskStats]]:
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same clear message
+        raise EPMQError(f"{path}: not a readable statistics file ({e})") from None
+    with f:
+        meta = f.metadata() or {}
+        if meta.get("epmq_stats_version") != "1":
+            raise EPMQError(f"{path}: not an epmq statistics file (missing epmq_stats_version)")
+        index = json.loads(meta["index"])
+        cache: dict[str, TaskStats] = {}
+        out = {}
+        keys = set(f.keys())
+        for name, refs in index.items():
+            per_task = []
+            for key, n in refs:
+                if key not in cache:
+                    C = f.get_tensor(f"{key}/C") if f"{key}/C" in keys else None
+                    cache[key] = TaskStats.from_tensors(f.get_tensor(f"{key}/G"), C, n)
+                per_task.append(cache[key])
+            out[name] = per_task
+    return out

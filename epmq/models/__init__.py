@@ -1,0 +1,1 @@
+"""Model plumbing: architecture adapters (:mod:`epmq.models.adapters`) and model builders/loaders."""

@@ -1,0 +1,206 @@
+"""The layer-wise calibration engine on tiny open_clip ViT, HF CLIP vision and BERT models with 3 experts."""
+
+import copy
+
+import pytest
+import torch
+
+from epmq.calibrate import QuantConfig, collect_stats, load_stats, quantize_model, save_stats
+from epmq.errors import EPMQError
+from epmq.models.adapters import get_adapter
+from epmq.models.openclip import tiny_vision_transformer
+
+T = 3
+
+
+def _perturbed(model, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    e = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in e.parameters():
+            p.add_(scale * p.std().clamp_min(1e-3) * torch.randn(p.shape, generator=g))
+    return e
+
+
+def _task_arithmetic(base, experts, lam):
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        sd = merged.state_dict()
+        for k in sd:
+            if sd[k].is_floating_point():
+                sd[k].add_(lam * sum(e.state_dict()[k] - base.state_dict()[k] for e in experts))
+    return merged
+
+
+def _vit():
+    torch.manual_seed(0)
+    return tiny_vision_transformer(width=32, layers=2, heads=2).eval()
+
+
+def _image_tasks(n_batches=2, bs=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # each task its own input distribution (a fixed mean image and contrast); ``seed`` draws the samples
+    means = [torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(100 + t)) for t in range(T)]
+    return [
+        [torch.randn(bs, 3, 28, 28, generator=g) * (0.5 + t) + means[t] for _ in range(n_batches)] for t in range(T)
+    ]
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return BertModel(cfg).eval()
+
+
+def _text_tasks(n_batches=2, bs=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tasks = []
+    for t in range(T):
+        batches = []
+        for _ in range(n_batches):
+            ids = torch.randint(30 * t, 30 * t + 40, (bs, 12), generator=g)  # each task its own vocabulary
+            mask = torch.ones_like(ids)
+            mask[: bs // 2, 9:] = 0  # padding, so attention masks matter
+            batches.append({"input_ids": ids, "attention_mask": mask})
+        tasks.append(batches)
+    return tasks
+
+
+def _hf_clip():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+        patch_size=4, num_channels=3,
+    )
+    return CLIPVisionModel(cfg).eval()
+
+
+def _output(model, batch):
+    out = get_adapter(model).run(model, batch)
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    return out
+
+
+def _expert_error(model, experts, tasks):
+    with torch.no_grad():
+        return sum(
+            float(((_output(model, b) - _output(e, b)) ** 2).mean()) for e, batches in zip(experts, tasks) for b in batches
+        )
+
+
+SUITES = {
+    "openclip": (_vit, _image_tasks, 16),  # 2 blocks x (in_proj, out_proj, c_fc, c_proj) = 8 weights
+    "bert": (_bert, _text_tasks, 12),
+    "hf_clip": (_hf_clip, _image_tasks, 12),
+}
+EXPECTED_SITES = {"openclip": 8, "bert": 12, "hf_clip": 12}
+
+
+@pytest.fixture(scope="module", params=sorted(SUITES))
+def setting(request):
+    build, tasks, _ = SUITES[request.param]
+    base = build()
+    experts = [_perturbed(base, 0.3, seed=10 + t) for t in range(T)]
+    merged = _task_arithmetic(base, experts, 0.3)
+    return request.param, merged, experts, tasks(seed=0), tasks(seed=1)
+
+
+def _quantized_names(merged, report):
+    before = merged.state_dict()
+    return {k for k in report.results}, before
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "epmq"])
+def test_quantizes_every_intended_weight_and_nothing_else(setting, method):
+    name, merged, experts, calib, _ = setting
+    model = copy.deepcopy(merged)
+    report = quantize_model(model, calib, QuantConfig(method=method, bits=3), experts=experts, progress=False)
+    assert len(report.results) == EXPECTED_SITES[name]
+    sd_before, sd_after = merged.state_dict(), model.state_dict()
+    changed = {k for k in sd_before if not torch.equal(sd_before[k], sd_after[k])}
+    assert changed == set(report.results)  # biases untouched without fit_bias; LN/embeddings untouched
+    for k, r in report.results.items():
+        assert torch.equal(sd_after[k].float(), r.weight)
+        assert r.codes.max() <= 7
+
+
+def test_epmq_beats_gptq_against_experts(setting):
+    name, merged, experts, calib, held_out = setting
+    errs = {}
+    for method in ("gptq", "epmq"):
+        model = copy.deepcopy(merged)
+        quantize_model(model, calib, QuantConfig(method=method, bits=3), experts=experts, progress=False)
+        errs[method] = _expert_error(model, experts, held_out)
+    errs["merged"] = _expert_error(merged, experts, held_out)
+    assert errs["epmq"] < errs["gptq"], errs
+
+
+def test_ablations_and_bias_refit(setting):
+    name, merged, experts, calib, held_out = setting
+    errs = {}
+    for method in ("epmq_unrounded", "gptq_corrected", "gptq_epmq_hessian"):
+        model = copy.deepcopy(merged)
+        report = quantize_model(model, calib, QuantConfig(method=method, bits=3), experts=experts, progress=False)
+        errs[method] = _expert_error(model, experts, held_out)
+        assert (len(report.results) == 0) == (method == "epmq_unrounded")
+    # the unrounded expert-guided target repairs merging deviation: closer to the experts than the FP merge
+    assert errs["epmq_unrounded"] < _expert_error(merged, experts, held_out)
+    model = copy.deepcopy(merged)
+    report = quantize_model(model, calib, QuantConfig(method="epmq", bits=3, fit_bias=True), experts=experts, progress=False)
+    assert report.biases and all(torch.isfinite(b).all() for b in report.biases.values())
+
+
+def test_fp_stats_artefact_roundtrip(setting, tmp_path):
+    name, merged, experts, calib, _ = setting
+    stats = collect_stats(merged, calib, experts, progress=False)
+    save_stats(stats, tmp_path / "stats.safetensors", metadata={"n_calib": 16})
+    loaded = load_stats(tmp_path / "stats.safetensors")
+    results = []
+    for st in (stats, loaded):
+        model = copy.deepcopy(merged)
+        cfg = QuantConfig(method="epmq", bits=4, propagation="fp")
+        results.append(quantize_model(model, None, cfg, experts=experts, stats=st, progress=False))
+    for k in results[0].results:
+        assert torch.equal(results[0].results[k].codes, results[1].results[k].codes)
+    # reused for another bit width and method without recollecting
+    model = copy.deepcopy(merged)
+    r = quantize_model(model, None, QuantConfig(method="gptq", bits=2, propagation="fp"), stats=loaded, progress=False)
+    assert len(r.results) == EXPECTED_SITES[name]
+
+
+def test_deterministic(setting):
+    name, merged, experts, calib, _ = setting
+    out = []
+    for _ in range(2):
+        model = copy.deepcopy(merged)
+        out.append(quantize_model(model, calib, QuantConfig(method="epmq", bits=3), experts=experts, progress=False))
+    for k in out[0].results:
+        assert torch.equal(out[0].results[k].weight, out[1].results[k].weight)
+
+
+def test_bad_experts():
+    merged = _vit()
+    calib = _image_tasks()
+    experts = [copy.deepcopy(merged).state_dict() for _ in range(T)]
+    missing = dict(experts[1])
+    del missing["transformer.resblocks.1.mlp.c_fc.weight"]
+    with pytest.raises(EPMQError, match="expert 1: missing key 'transformer.resblocks.1.mlp.c_fc.weight'"):
+        quantize_model(copy.deepcopy(merged), calib, QuantConfig(), experts=[experts[0], missing, experts[2]], progress=False)
+    wrong = dict(experts[2])
+    wrong["transformer.resblocks.0.attn.in_proj_weight"] = torch.zeros(3, 3)
+    with pytest.raises(EPMQError, match="expert 2: 'transformer.resblocks.0.attn.in_proj_weight' has shape"):
+        quantize_model(copy.deepcopy(merged), calib, QuantConfig(), experts=[experts[0], experts[1], wrong], progress=False)
+    with pytest.raises(EPMQError, match="2 experts but 3 calibration tasks"):
+        quantize_model(copy.deepcopy(merged), calib, QuantConfig(), experts=experts[:2], progress=False)
+    bad = [[b.clone() for b in task] for task in calib]
+    bad[1][0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(EPMQError, match="NaN"):
+        quantize_model(copy.deepcopy(merged), bad, QuantConfig(method="gptq"), progress=False)
