@@ -1,0 +1,164 @@
+"""TIES-Merging (Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", arXiv 2306.01708).
+
+With task vectors τ_t = θ_t − θ₀ (t = 1…T):
+
+1. **Trim**: keep the largest-magnitude entries of each τ_t, zero the rest:
+   τ̂_t = τ_t · [|τ_t| ≥ c_t], where c_t is the r-th smallest |τ_t| entry, r = n − ⌊n · k/100⌋ over the n
+   entries the threshold is taken over. This is the reference rule of the TIES code (and of AdaMerging and
+   FusionBench, which copy it: ``kthvalue`` then ``>=``); it keeps ⌊n·k/100⌋ + 1 entries barring ties, and
+   k = 100 keeps everything.
+2. **Elect** a sign per entry: γ = sign(Σ_t τ̂_t). Entries where the sum is exactly 0 take the majority
+   elected sign of the tensor (+1 if that is a tie too).
+3. **Disjoint merge** over the experts that agree with γ, A = {t : sign(τ̂_t) = γ, τ̂_t ≠ 0}:
+   ``merge_func="mean"``: τ_m = Σ_{t∈A} τ̂_t / max(|A|, 1);  ``merge_func="sum"``: τ_m = Σ_{t∈A} τ̂_t.
+4. θ_m = θ₀ + λ τ_m.
+
+Trim scope. ``trim_scope="global"`` (default) takes c_t over the task vector of the *whole* model (all merged
+tensors of task t flattened into one vector), which is what FusionBench and AdaMerging do
+(``state_dict_to_vector`` over the state dict, then ``kthvalue`` per task row). ``trim_scope="tensor"``
+takes c_t over each tensor separately (mergekit-style). Global trimming needs the thresholds before any
+tensor is merged: :func:`global_thresholds` finds them exactly, streaming, in two passes over the model
+with O(T · 2¹⁶) memory (radix selection on the float32 bit patterns of |τ|, see there), and the driver
+passes them to :func:`ties` as ``thresholds``.
+
+Defaults (the FusionBench / AdaMerging variant, whose CLIP ViT-B/32 reference row METHOD.md quotes):
+k = 20 (%), λ = 0.3, global trim, ``merge_func="sum"`` (their "dis-sum"). The TIES paper's disjoint
+*mean* (``merge_func="mean"``) was tuned with λ near 1; at λ = 0.3 it shrinks the merged task vector.
+
+Deviation from FusionBench in global scope: its zero-sum tie-break (step 2) uses the majority sign of the
+whole model, ours that of the tensor; the two differ only on entries whose surviving trimmed values cancel
+exactly. With ``dare_p > 0`` the task vectors are DARE-sparsified before trimming, as in FusionBench's
+DARE-TIES.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from epmq.errors import EPMQError
+from epmq.merge.base import check_choice, mix_seed, task_vectors
+
+if TYPE_CHECKING:
+    import torch
+
+    from epmq.merge.base import Loader
+
+MERGE_FUNCS = ("mean", "sum")
+TRIM_SCOPES = ("global", "tensor")
+
+
+def check_k(k: float) -> float:
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0.0 < k <= 100.0:
+        raise EPMQError(f"k={k!r} is out of range: expected the kept percentage in (0, 100]")
+    return float(k)
+
+
+def trim_rank(n: int, k: float) -> int:
+    """1-based rank r of the threshold among n ascending magnitudes (0: keep everything)."""
+    return n - int(n * (check_k(k) / 100))
+
+
+def ties(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    *,
+    k: float = 20.0,
+    lam: float = 0.3,
+    merge_func: str = "sum",
+    trim_scope: str = "global",
+    thresholds: Sequence[float] | None = None,
+    dare_p: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """TIES-merge one tensor; returns θ₀ + λ τ_m in float32.
+
+    ``thresholds`` are the per-task magnitude thresholds c_t of ``trim_scope="global"``, one per expert, from
+    :func:`global_thresholds` (:func:`epmq.merge.merge_state_dicts` computes and passes them).
+    """
+    import torch
+
+    check_choice(merge_func, "merge_func", MERGE_FUNCS)
+    check_choice(trim_scope, "trim_scope", TRIM_SCOPES)
+    taus = torch.stack(task_vectors(base, experts, dare_p=dare_p, seed=seed)).reshape(len(experts), -1)
+    magnitude = taus.abs()
+    if trim_scope == "tensor":
+        if thresholds is not None:
+            raise EPMQError("thresholds: only used with trim_scope='global', got trim_scope='tensor'")
+        rank = trim_rank(taus.shape[1], k)
+        cut = magnitude.kthvalue(rank, dim=1, keepdim=True).values if rank else torch.zeros_like(magnitude[:, :1])
+    else:
+        check_k(k)
+        if thresholds is None or len(thresholds) != len(experts):
+            raise EPMQError(
+                f"thresholds={thresholds!r}: trim_scope='global' needs one threshold per expert "
+                f"({len(experts)}) from global_thresholds(); merge_state_dicts computes them"
+            )
+        cut = torch.tensor(thresholds, dtype=torch.float32, device=taus.device).reshape(-1, 1)
+    trimmed = taus * (magnitude >= cut)
+
+    elected = torch.sign(trimmed.sum(dim=0))
+    elected[elected == 0] = 1.0 if elected.sum() >= 0 else -1.0
+    agree = torch.where(elected > 0, trimmed > 0, trimmed < 0)
+    merged = (trimmed * agree).sum(dim=0)
+    if merge_func == "mean":
+        merged /= agree.sum(dim=0).clamp(min=1)
+    return base.float() + lam * merged.reshape(base.shape)
+
+
+def global_thresholds(
+    load: Loader, keys: Sequence[str], *, k: float = 20.0, dare_p: float = 0.0, seed: int = 0
+) -> list[float]:
+    """Exact per-task trim thresholds c_t over all ``keys`` together (``trim_scope="global"``), streaming.
+
+    The r-th smallest |τ_t| entry of the whole model (r as in :func:`trim_rank`) is found by radix selection:
+    |τ| ≥ 0, so its float32 bit pattern, read as an int32, sorts like its value. Pass 1 histograms the high 16
+    bits of every entry (2¹⁵ buckets, the sign bit being 0) and locates the bucket holding rank r; pass 2
+    histograms the low 16 bits of the entries in that bucket, which pins the exact value. Memory is
+    O(T · 2¹⁶) counts plus one tensor's T task vectors; every tensor is read twice. ``load(key)`` returns
+    the (base, experts) tensors of one key; ``seed`` is re-derived per key exactly as the driver does for
+    :func:`ties`, so DARE draws the same masks here and in the merge.
+    """
+    import torch
+    from tqdm import tqdm
+
+    def abs_bits(desc: str):
+        """Per key, a generator of the T flattened int32 bit patterns of |τ_t|, one task at a time."""
+        for key in tqdm(keys, desc=desc, unit="tensor", disable=None):
+            base, experts = load(key)
+            taus = task_vectors(base, experts, dare_p=dare_p, seed=mix_seed(seed, key))
+            yield (tau.abs().flatten().view(torch.int32) for tau in taus)
+
+    def locate(counts: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, the bin holding the ``ranks``-th smallest entry and the number of entries in lower bins."""
+        cumulative = counts.cumsum(dim=1)
+        bins = torch.searchsorted(cumulative, ranks.reshape(-1, 1))
+        return bins.reshape(-1), (cumulative - counts).gather(1, bins).reshape(-1)
+
+    check_k(k)
+    high = None
+    for per_task in abs_bits("ties: global trim, pass 1/2"):
+        counts = torch.stack([torch.bincount(bits >> 16, minlength=1 << 15) for bits in per_task])
+        high = counts if high is None else high + counts
+    if high is None:
+        raise EPMQError("keys: no tensor to merge, so there is no task vector to trim")
+    n_tasks, rank = len(high), trim_rank(int(high[0].sum()), k)
+    if rank == 0:
+        return [0.0] * n_tasks
+    ranks = torch.full((n_tasks,), rank, device=high.device)
+    bucket, below = locate(high, ranks)
+
+    low = high.new_zeros(n_tasks, 1 << 16)
+    for per_task in abs_bits("ties: global trim, pass 2/2"):
+        for t, bits in enumerate(per_task):
+            low[t] += torch.bincount(bits[(bits >> 16) == bucket[t]] & 0xFFFF, minlength=1 << 16)
+    offset, _ = locate(low, ranks - below)
+    return ((bucket << 16) | offset).to(torch.int32).view(torch.float32).tolist()
+
+
+def prepare_ties(load: Loader, keys: Sequence[str], hparams: dict[str, Any]) -> dict[str, Any]:
+    """Driver hook: with ``trim_scope="global"``, add the whole-model ``thresholds`` to the hyperparameters."""
+    if check_choice(hparams["trim_scope"], "trim_scope", TRIM_SCOPES) == "tensor":
+        return hparams
+    thresholds = global_thresholds(load, keys, k=hparams["k"], dare_p=hparams["dare_p"], seed=hparams["seed"])
+    return {**hparams, "thresholds": thresholds}
