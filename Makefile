@@ -1,0 +1,37 @@
+# Two commands on a fresh machine:  `make demo` (set up + run the default job)  and  `make test`.
+# Setup order matters: the CPU build of torch goes in first, so no dependency drags in a CUDA build.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Override for a GPU machine, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+OPEN_CLIP_SPEC ?= open_clip_torch==3.3.0
+
+.PHONY: setup demo test lint lock clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -r requirements.lock
+	# open_clip's model code only; its torchvision dependency has no wheel beside CPU torch (see epmq/models/openclip.py)
+	$(PY) -m pip install -q --no-deps $(OPEN_CLIP_SPEC)
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+demo: setup
+	$(PY) -m epmq.demo --out reports/demo
+
+test: setup
+	$(PY) -m pytest
+
+lock:
+	$(PY) -m pip freeze --exclude-editable | grep -vE '^(torch|open_clip_torch)==' > requirements.lock.tmp
+	{ echo "# Exact versions the tests and the default grid run with (installed after torch==2.13.0; see Makefile)."; \
+	  echo "# Regenerate: make lock"; cat requirements.lock.tmp; } > requirements.lock && rm requirements.lock.tmp
+
+clean:
+	rm -rf $(VENV) .pytest_cache
