@@ -1,0 +1,55 @@
+"""What a benchmark suite provides to the workflow: a base encoder, one expert per task, frozen per-task heads,
+calibration batches from each task's train split, and evaluation on its test split.
+
+Every artefact is a file under the suite's cache folder (safetensors + JSON metadata with seed, steps and
+data versions), written atomically, so that pretraining and fine-tuning run once. A suite is registered in
+:data:`epmq.suites.SUITES` by name.
+
+The merged and quantized objects are always the *encoder* (the module an adapter of
+:mod:`epmq.models.adapters` recognises); heads stay in full precision, one per task, and are never merged.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+
+class Suite(ABC):
+    """A benchmark suite. Subclasses set ``name``, ``tasks`` and ``adapter`` and implement the methods."""
+
+    name: str
+    tasks: tuple[str, ...]
+    adapter: str  # name in epmq.models.adapters.ADAPTERS
+
+    def __init__(self, cache_dir: str | Path, *, seed: int = 0, **options):
+        self.cache_dir = Path(cache_dir)
+        self.seed = seed
+        self.options = options
+
+    # -- models -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def new_encoder(self):
+        """A freshly built encoder with this suite's architecture (weights arbitrary)."""
+
+    @abstractmethod
+    def build_base(self) -> Path:
+        """Create (or find cached) the base encoder's safetensors; return its path."""
+
+    @abstractmethod
+    def build_expert(self, task: str) -> Path:
+        """Fine-tune (or find cached) the expert encoder for ``task``; return its safetensors path."""
+
+    @abstractmethod
+    def head(self, task: str):
+        """The frozen head of ``task`` (an ``nn.Module`` mapping encoder outputs to class logits)."""
+
+    # -- data ---------------------------------------------------------------------------------------------
+    @abstractmethod
+    def calibration_batches(self, task: str, n: int, *, seed: int, batch_size: int = 32) -> list:
+        """``n`` examples from ``task``'s train split as encoder-ready batches (what ``adapter.run`` takes)."""
+
+    @abstractmethod
+    def evaluate(self, encoder, task: str, *, split: str = "test") -> dict:
+        """Top-1 accuracy of ``encoder`` + ``task``'s head on ``split``:
+        ``{"task", "split", "n", "correct", "accuracy", "stderr"}`` (stderr = sqrt(p(1-p)/n))."""

