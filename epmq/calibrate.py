@@ -525,9 +525,8 @@ def collect_stats(
 def save_stats(stats: Mapping[str, list[TaskStats]], path, *, metadata: dict | None = None) -> None:
     """Write ``fp``-mode statistics as safetensors (atomically); shared inputs are stored once."""
     import json
-    import os
 
-    from safetensors.torch import save_file
+    from epmq.io import save_safetensors_atomic
 
     tensors, index, seen = {}, {}, {}
     for name, per_task in stats.items():
@@ -544,9 +543,7 @@ def save_stats(stats: Mapping[str, list[TaskStats]], path, *, metadata: dict | N
         index[name] = refs
     meta = {"index": json.dumps(index), "epmq_stats_version": "1"}
     meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    save_safetensors_atomic(path, tensors, meta)
 
 
 def load_stats(path) -> dict[str, list[TaskStats]]:

@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
+
+from epmq.io import write_json_atomic  # noqa: F401  (re-exported: suites write their records with it)
 
 
 def accuracy_record(task: str, split: str, correct: int, n: int, **extra) -> dict:
@@ -25,13 +24,3 @@ def accuracy_record(task: str, split: str, correct: int, n: int, **extra) -> dic
         "stderr": 100.0 * math.sqrt(p * (1 - p) / n),
         **extra,
     }
-
-
-def write_json_atomic(path: str | Path, obj) -> Path:
-    """Write ``obj`` as indented, key-sorted JSON via a temp file + ``os.replace`` (never a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path

@@ -113,11 +113,6 @@ def setting(request):
     return request.param, merged, experts, tasks(seed=0), tasks(seed=1)
 
 
-def _quantized_names(merged, report):
-    before = merged.state_dict()
-    return {k for k in report.results}, before
-
-
 @pytest.mark.parametrize("method", ["rtn", "gptq", "epmq"])
 def test_quantizes_every_intended_weight_and_nothing_else(setting, method):
     name, merged, experts, calib, _ = setting

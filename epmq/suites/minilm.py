@@ -50,7 +50,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from epmq.errors import EPMQError
-from epmq.evaluate import accuracy_record, write_json_atomic
+from epmq.evaluate import accuracy_record
+from epmq.io import save_safetensors_atomic as _save_safetensors
+from epmq.io import write_json_atomic
 from epmq.suites.base import Suite
 
 TASKS = ("tweet_sentiment", "spam", "fine_food", "tweet_device")
@@ -126,16 +128,6 @@ class CosineHead(nn.Module):
 
     def forward(self, outputs, attention_mask):
         return self.scale * self.linear(self.embed(outputs, attention_mask))
-
-
-def _save_safetensors(path: Path, tensors: dict) -> Path:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-    return path
 
 
 def _load_safetensors(path: Path) -> dict:

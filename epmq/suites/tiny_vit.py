@@ -44,14 +44,15 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import sys
 import time
 import zlib
 from pathlib import Path
 
 from epmq.errors import EPMQError
-from epmq.evaluate import accuracy_record, write_json_atomic
+from epmq.evaluate import accuracy_record
+from epmq.io import save_safetensors_atomic as _save_safetensors
+from epmq.io import write_json_atomic
 from epmq.suites.base import Suite
 
 #: options and their defaults (the full-size suite); tests pass a tiny configuration.
@@ -85,17 +86,6 @@ DATA_SIZES = {
 }
 FORMAT_VERSION = 1
 _MEAN, _STD = 0.5, 0.5
-
-
-def _save_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
-    return path
 
 
 def _load_safetensors(path: Path) -> dict:
