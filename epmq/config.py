@@ -1,0 +1,273 @@
+"""The experiment grid: validate a workflow config (``config.yaml``) and expand it into jobs.
+
+The JSON schema (``workflow/schemas/config.schema.yaml``) checks types and fills defaults; this module adds
+the checks a schema cannot make (names against the live registries, cross references between sections) and
+turns the config into the concrete job lists the Snakemake rules and the CLI share. It imports no torch.
+
+Identifiers used in file paths:
+
+* a *suite id* is a key of ``suites:`` (its class is ``type:``, default the key itself);
+* a *merge id* is a key of ``merges:`` (its method is ``method:``, default the key itself);
+* a *quantizer id* is a method name (``rtn``, ``gptq``, ``epmq``, ablations) or, for a sweep point,
+  ``<method>.<param>=<value>`` (e.g. ``epmq.lam_w=0.1``);
+* a *quantized run* is ``<merge>/<quantizer>/w<bits>g<group_size>/s<seed>`` under ``results/<suite>/quant/``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from epmq.errors import EPMQError
+
+#: QuantConfig fields a config may set under ``quantize.params`` or sweep (the method, bits and group size
+#: come from the grid itself).
+QUANT_KNOBS = ("sym", "act_order", "static_groups", "damp", "block_size", "alpha", "lam_out", "lam_w",
+               "task_weighting", "fit_bias", "propagation")
+#: which knobs each kind of method reads (everything else is ignored by it)
+GRID_KNOBS = ("sym",)
+CALIBRATION_KNOBS = ("act_order", "static_groups", "damp", "block_size", "propagation")
+EXPERT_KNOBS = ("alpha", "lam_out", "lam_w", "task_weighting", "fit_bias")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def relevant_knobs(method) -> tuple[str, ...]:
+    """The knobs of :data:`QUANT_KNOBS` a :class:`epmq.quant.QuantMethod` reads."""
+    out = GRID_KNOBS
+    if method.needs_calibration:
+        out += CALIBRATION_KNOBS
+    if method.needs_experts:
+        out += EXPERT_KNOBS
+    return out
+
+
+def _check_id(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not _ID.match(name):
+        raise EPMQError(f"{kind} id {name!r}: use letters, digits, '_', '.', '-' (it becomes a folder name)")
+    return name
+
+
+def fmt_value(v) -> str:
+    """A sweep value as it appears in a quantizer id: shortest round-trip text (0.1, 1e-05, 2)."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e6:
+        return str(int(v)) if abs(v) >= 1 else repr(v)
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+@dataclass(frozen=True)
+class QuantRun:
+    """One quantization job (and its evaluation)."""
+
+    suite: str
+    merge: str
+    quantizer: str  # id: method or method.param=value
+    method: str
+    bits: int
+    group_size: int
+    seed: int
+    variant: tuple = ()  # ((param, value),) for a sweep point
+
+    @property
+    def path(self) -> str:
+        return f"{self.merge}/{self.quantizer}/w{self.bits}g{self.group_size}/s{self.seed}"
+
+
+@dataclass
+class Grid:
+    """A validated config, expanded."""
+
+    config: dict
+    suites: dict[str, dict] = field(default_factory=dict)  # id -> {"type", "options", "tasks", "seed"}
+    merges: dict[str, dict] = field(default_factory=dict)  # id -> {"method", "params", "select"}
+    runs: list[QuantRun] = field(default_factory=list)
+
+    # -- what the rules ask ---------------------------------------------------------------------------------
+    def tasks(self, suite: str) -> list[str]:
+        return list(self.suites[suite]["tasks"])
+
+    def quantizer(self, quantizer_id: str) -> tuple[str, dict]:
+        """(method, variant overrides) of a quantizer id."""
+        method, _, rest = quantizer_id.partition(".")
+        if not rest:
+            return method, {}
+        param, _, value = rest.partition("=")
+        for run in self.runs:
+            if run.quantizer == quantizer_id:
+                return method, dict(run.variant)
+        raise EPMQError(f"quantizer {quantizer_id!r} is not in the grid")
+
+    def quant_config(self, quantizer_id: str, bits: int, group_size: int) -> dict:
+        """The QuantConfig fields of one job (what reaches the job through ``params:``): only the knobs its
+        method reads, so that changing an E-PMQ knob re-runs the E-PMQ jobs and nothing else."""
+        from epmq.quant import METHODS
+
+        method, variant = self.quantizer(quantizer_id)
+        used = relevant_knobs(METHODS[method])
+        shared = {k: v for k, v in self.config["quantize"]["params"].items() if k in used}
+        return {"method": method, "bits": int(bits), "group_size": int(group_size), **shared, **variant}
+
+    def eval_targets(self, suite: str) -> list[str]:
+        """Every run id evaluated for ``suite`` (paths under ``results/<suite>/eval/``, without ``.json``)."""
+        out = ["base"] + [f"experts/{t}" for t in self.tasks(suite)]
+        out += [f"merged/{m}" for m in self.merges]
+        out += [f"quant/{r.path}" for r in self.runs if r.suite == suite]
+        return out
+
+    def calib_seeds(self) -> list[int]:
+        return sorted({r.seed for r in self.runs})
+
+
+def _registries():
+    from epmq.merge.registry import METHODS as MERGES
+    from epmq.quant import METHODS as QUANTS
+    from epmq.suites import SUITES
+
+    return SUITES, MERGES, QUANTS
+
+
+def _suite_tasks(kind: str, options: dict) -> list[str]:
+    from epmq.suites import DEFAULT_TASKS
+
+    return list(options["tasks"]) if "tasks" in options else list(DEFAULT_TASKS[kind])
+
+
+def expand(config: dict) -> Grid:
+    """Validate ``config`` (already schema-checked and defaulted) against the registries; expand the grid."""
+    SUITES, MERGES, QUANTS = _registries()
+    for key in ("suites", "merges", "quantize", "calibration"):
+        if key not in config:
+            raise EPMQError(f"config: missing section {key!r}")
+    grid = Grid(config=config)
+    for sid, s in config["suites"].items():
+        _check_id("suite", sid)
+        s = s or {}
+        kind = s.get("type", sid)
+        if kind not in SUITES:
+            raise EPMQError(f"suites.{sid}.type={kind!r}: expected one of {sorted(SUITES)}")
+        options = dict(s.get("options") or {})
+        tasks = _suite_tasks(kind, options)
+        if len(tasks) < 1:
+            raise EPMQError(f"suites.{sid}: no tasks")
+        grid.suites[sid] = {"type": kind, "options": options, "tasks": tasks, "seed": int(s.get("seed", 0))}
+    if not grid.suites:
+        raise EPMQError("config: suites: is empty")
+
+    for mid, m in config["merges"].items():
+        _check_id("merge", mid)
+        m = m or {}
+        method = m.get("method", mid)
+        if method not in MERGES:
+            raise EPMQError(f"merges.{mid}.method={method!r}: expected one of {sorted(MERGES)}")
+        params = dict(m.get("params") or {})
+        select = {k: list(v) for k, v in (m.get("select") or {}).items()}
+        known = set(MERGES[method].defaults)
+        for k in [*params, *select]:
+            if k not in known:
+                raise EPMQError(f"merges.{mid}: {k!r} is not a parameter of {method} (has {sorted(known)})")
+        for k, v in select.items():
+            if not v:
+                raise EPMQError(f"merges.{mid}.select.{k}: empty list")
+        grid.merges[mid] = {"method": method, "params": params, "select": select}
+    if not grid.merges:
+        raise EPMQError("config: merges: is empty")
+
+    q = config["quantize"]
+    for k in q.get("params", {}):
+        if k not in QUANT_KNOBS:
+            raise EPMQError(f"quantize.params.{k}: unknown knob, expected some of {list(QUANT_KNOBS)}")
+    seeds = [int(s) for s in config["calibration"]["seeds"]]
+    if not seeds:
+        raise EPMQError("calibration.seeds: empty list")
+
+    def check_methods(where, methods):
+        for meth in methods:
+            if meth not in QUANTS:
+                raise EPMQError(f"{where}: method {meth!r}: expected one of {sorted(QUANTS)}")
+
+    def check_merges(where, merges):
+        for mid in merges:
+            if mid not in grid.merges:
+                raise EPMQError(f"{where}: merge {mid!r} is not a key of merges: ({sorted(grid.merges)})")
+
+    def add(methods, bits_list, groups, merges, variant=()):
+        for sid in grid.suites:
+            for mid in merges:
+                for meth in methods:
+                    qid = meth + "".join(f".{p}={fmt_value(v)}" for p, v in variant)
+                    for bits in bits_list:
+                        for g in groups:
+                            for seed in (seeds if QUANTS[meth].needs_calibration else seeds[:1]):
+                                run = QuantRun(sid, mid, qid, meth, int(bits), int(g), seed, tuple(variant))
+                                if run not in seen:
+                                    seen.add(run)
+                                    grid.runs.append(run)
+
+    seen: set = set()
+    check_methods("quantize.methods", q["methods"])
+    add(q["methods"], q["bits"], q["group_size"], list(grid.merges))
+    ab = q.get("ablations") or {}
+    if ab.get("methods"):
+        check_methods("quantize.ablations.methods", ab["methods"])
+        check_merges("quantize.ablations.merges", ab.get("merges") or list(grid.merges))
+        add(ab["methods"], ab.get("bits") or q["bits"], q["group_size"], ab.get("merges") or list(grid.merges))
+    for i, sw in enumerate(q.get("sweeps") or []):
+        where = f"quantize.sweeps[{i}]"
+        check_methods(where, [sw["method"]])
+        if sw["param"] not in QUANT_KNOBS:
+            raise EPMQError(f"{where}.param={sw['param']!r}: expected one of {list(QUANT_KNOBS)}")
+        check_merges(where, sw.get("merges") or list(grid.merges))
+        for v in sw["values"]:
+            add([sw["method"]], sw.get("bits") or q["bits"], q["group_size"], sw.get("merges") or list(grid.merges),
+                ((sw["param"], v),))
+    for b in {r.bits for r in grid.runs}:
+        if not 2 <= b <= 8:
+            raise EPMQError(f"bits={b}: expected 2..8")
+    return grid
+
+
+def load(path: str | Path) -> Grid:
+    """Read, schema-validate (with defaults) and expand a config file (the CLI's entry; Snakemake validates
+    with its own ``validate`` and calls :func:`expand`)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise EPMQError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise EPMQError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise EPMQError(f"{path}: expected a mapping at the top level")
+    validate(config)
+    return expand(config)
+
+
+def schema_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def validate(config: dict) -> None:
+    """Check ``config`` against the JSON schema and fill its defaults in place (one-line error)."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(schema_path().read_text())
+    cls = jsonschema.validators.validator_for(schema)
+
+    def set_defaults(validator, properties, instance, schema_):
+        if isinstance(instance, dict):
+            for k, sub in properties.items():
+                if "default" in sub:
+                    instance.setdefault(k, json.loads(json.dumps(sub["default"])))
+        yield from cls.VALIDATORS["properties"](validator, properties, instance, schema_)
+
+    filling = jsonschema.validators.extend(cls, {"properties": set_defaults})
+    err = jsonschema.exceptions.best_match(filling(schema).iter_errors(config))
+    if err is not None:
+        where = ".".join(str(p) for p in err.absolute_path) or "<top>"
+        raise EPMQError(f"config {where}: {err.message}")

@@ -1,0 +1,393 @@
+"""Every workflow stage as one function over files: what the Snakemake scripts and the ``epmq`` CLI call.
+
+Stages and their artefacts (``R`` = the config's ``results`` folder, ``S`` = a suite id)::
+
+    build base      R/S/base.safetensors                       (+ heads R/S/heads/<task>.*)
+    build expert    R/S/experts/<task>.safetensors
+    merge           R/S/merged/<merge>.safetensors    + .json  (hyperparameters chosen on validation)
+    calibrate       R/S/calib/n<n>_s<seed>.safetensors         (the calibration batches of every task)
+    quantize        R/S/quant/<run>.safetensors       + .json  (fake-quant weights; <run> see epmq.config)
+    evaluate        R/S/eval/<model>.json                      (per-task test accuracy, one run record)
+    report          reports/leaderboard.{csv,md,html}, reports/figures/*.svg
+
+Every file is written atomically (temp file + rename), so an interrupted job leaves nothing a later job could
+mistake for a result. Suite ``spec`` dicts (``{"type", "cache", "seed", "options", "threads"}``) come from
+:func:`suite_spec`; they travel through Snakemake's ``params:`` so that changing a suite option re-runs the
+jobs that depend on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from epmq.errors import EPMQError
+from epmq.io import save_safetensors_atomic, write_json_atomic
+
+# ---------------------------------------------------------------------------------------------- paths
+
+PATTERNS = {
+    "base": "{results}/{suite}/base.safetensors",
+    "expert": "{results}/{suite}/experts/{task}.safetensors",
+    "merged": "{results}/{suite}/merged/{merge}.safetensors",
+    "calib": "{results}/{suite}/calib/n{n}_s{seed}.safetensors",
+    "quant": "{results}/{suite}/quant/{merge}/{quantizer}/w{bits}g{group}/s{seed}.safetensors",
+    "eval": "{results}/{suite}/eval/{model}.json",
+}
+
+
+def suite_spec(grid, suite: str) -> dict:
+    """What a job needs to re-open suite ``suite`` of a :class:`epmq.config.Grid` (its thread count is the
+    job's own: set ``spec["threads"]``, it is not part of what the artefacts depend on)."""
+    s = grid.suites[suite]
+    return {"type": s["type"], "cache": f"{grid.config['results']}/{suite}", "seed": s["seed"],
+            "options": s["options"]}
+
+
+def with_threads(spec: dict, threads: int) -> dict:
+    return {**spec, "threads": int(threads)}
+
+
+def open_suite(spec: dict):
+    import torch
+
+    from epmq.suites import get_suite
+
+    threads = int(spec.get("threads") or 1)
+    torch.set_num_threads(threads)
+    return get_suite(spec["type"], spec["cache"], seed=spec["seed"], threads=threads, **spec["options"])
+
+
+class log_to:
+    """Send this process's stdout and stderr (progress bars, warnings, tracebacks) to a job's log file."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "w", buffering=1)
+        self._saved = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = self._f
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None:
+            import traceback
+
+            traceback.print_exception(exc_type, exc, tb, file=self._f)
+        sys.stdout, sys.stderr = self._saved
+        self._f.close()
+        return False
+
+
+def _isatty() -> bool:
+    return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+
+
+def _load_sd(path) -> dict:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise EPMQError(f"{path}: missing (run the stage that builds it first)")
+    try:
+        return load_file(str(path))
+    except Exception as err:
+        raise EPMQError(f"{path}: not a readable safetensors file ({err})") from err
+
+
+def _read_json(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise EPMQError(f"{path}: missing") from None
+    except ValueError as err:
+        raise EPMQError(f"{path}: corrupt JSON ({err})") from None
+
+
+def provenance() -> dict:
+    import numpy
+    import torch
+
+    import epmq
+
+    sha = None
+    try:
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"epmq": epmq.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version(), "git_sha": sha}
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+def build_base(spec: dict) -> Path:
+    """Pretrain / load the base and compute every task's frozen head (so expert jobs only read them)."""
+    suite = open_suite(spec)
+    if not suite.base_path.is_file():  # the base is (re)built: heads of an older base are stale
+        shutil.rmtree(suite.base_path.parent / "heads", ignore_errors=True)
+    path = suite.build_base()
+    for t in suite.tasks:
+        suite.head(t)
+    return path
+
+
+def build_expert(spec: dict, task: str) -> Path:
+    suite = open_suite(spec)
+    meta = suite.expert_path(task).with_suffix(".json")
+    if not suite.expert_path(task).is_file() and meta.is_file():
+        meta.unlink()  # metadata of an expert Snakemake removed for a re-run
+    return suite.build_expert(task)
+
+
+# ---------------------------------------------------------------------------------------------- merge
+
+
+def _candidates(select: dict) -> list[dict]:
+    import itertools
+
+    keys = sorted(select)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(select[k] for k in keys))] or [{}]
+
+
+def merge(spec: dict, merge_id: str, method: str, params: dict, select: dict, out) -> dict:
+    """Merge the suite's experts; pick ``select``'s hyperparameters by mean *validation* accuracy (ties: the
+    first candidate in order); write the merged encoder and a JSON record beside it."""
+    from epmq.merge import merge_state_dicts
+    from epmq.merge.registry import get_method
+
+    t0 = time.perf_counter()
+    suite = open_suite(spec)
+    base = _load_sd(suite.base_path)
+    experts = [_load_sd(suite.expert_path(t)) for t in suite.tasks]
+    trials = []
+    best = None
+    candidates = _candidates(select)
+    for cand in candidates:
+        sd = merge_state_dicts(base, experts, method, **{**params, **cand})
+        trial = {"params": cand}
+        if len(candidates) > 1:
+            recs = suite.evaluate_all(_encoder(suite, sd), split="validation")
+            recs = recs.get("tasks", recs)
+            trial["validation"] = {t: r["accuracy"] for t, r in recs.items()}
+            trial["validation_mean"] = sum(trial["validation"].values()) / len(recs)
+        trials.append(trial)
+        if best is None or trial.get("validation_mean", 0) > best[0].get("validation_mean", 0):
+            best = (trial, sd)
+    chosen = {**get_method(method).defaults, **params, **best[0]["params"]}
+    record = {"merge": merge_id, "method": method, "params": chosen, "selected_on": "validation",
+              "trials": trials, "seconds": time.perf_counter() - t0, "tasks": list(suite.tasks)}
+    out = Path(out)
+    save_safetensors_atomic(out, best[1], metadata={"epmq_merge": json.dumps(record["params"])})
+    write_json_atomic(out.with_suffix(".json"), record)
+    return record
+
+
+def _encoder(suite, sd):
+    enc = suite.new_encoder()
+    missing, unexpected = enc.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise EPMQError(f"{suite.name}: merged state dict mismatch (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]})")
+    return enc.eval()
+
+
+# ---------------------------------------------------------------------------------------------- calibrate
+
+
+def calibrate(spec: dict, n: int, seed: int, batch_size: int, out) -> Path:
+    """Draw ``n`` calibration examples per task (train split, seeded) and store the batches."""
+    import torch
+
+    suite = open_suite(spec)
+    tensors, layout = {}, {}
+    for t in suite.tasks:
+        batches = suite.calibration_batches(t, int(n), seed=int(seed), batch_size=int(batch_size))
+        layout[t] = len(batches)
+        for i, b in enumerate(batches):
+            if isinstance(b, torch.Tensor):
+                tensors[f"{t}/{i:05d}"] = b.contiguous()
+            else:
+                for k, v in b.items():
+                    tensors[f"{t}/{i:05d}/{k}"] = v.contiguous()
+    meta = {"tasks": json.dumps(list(suite.tasks)), "batches": json.dumps(layout), "n": str(n), "seed": str(seed)}
+    save_safetensors_atomic(out, tensors, metadata=meta)
+    return Path(out)
+
+
+def load_calibration(path, tasks) -> list[list]:
+    """The per-task batch lists of a :func:`calibrate` file, in ``tasks`` order."""
+    from safetensors import safe_open
+
+    sd = _load_sd(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if json.loads(meta.get("tasks", "[]")) != list(tasks):
+        raise EPMQError(f"{path}: calibration tasks {meta.get('tasks')} != suite tasks {list(tasks)}")
+    out = []
+    for t, nb in ((t, json.loads(meta["batches"])[t]) for t in tasks):
+        batches = []
+        for i in range(nb):
+            key = f"{t}/{i:05d}"
+            if key in sd:
+                batches.append(sd[key])
+            else:
+                batches.append({k[len(key) + 1:]: v for k, v in sd.items() if k.startswith(key + "/")})
+        out.append(batches)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- quantize
+
+
+def quantize(spec: dict, merged, calib, qcfg: dict, out, *, seed: int | None = None, n_calib: int | None = None,
+             device: str = "auto", packed=None) -> dict:
+    """Quantize the merged encoder with ``qcfg`` (QuantConfig fields); write fake-quant weights + a record.
+    With ``packed`` (a folder), also write the deployable packed low-bit checkpoint
+    (:func:`epmq.quant.packed.save_quantized`; reload with ``load_quantized``)."""
+    import torch
+
+    from epmq.calibrate import QuantConfig, quantize_model
+    from epmq.device import resolve
+    from epmq.merge.driver import lazy_state_dict
+
+    cfg = QuantConfig(**qcfg)
+    suite = open_suite(spec)
+    model = suite.load_encoder(merged)
+    batches = load_calibration(calib, suite.tasks) if (calib and cfg.spec.needs_calibration) else None
+    experts = [lazy_state_dict(suite.expert_path(t)) for t in suite.tasks] if cfg.spec.needs_experts else None
+    dev = resolve(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    rep = quantize_model(model, batches, cfg, experts=experts, adapter=suite.adapter, device=dev,
+                         progress=_isatty())
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise EPMQError(f"quantized weight {k} has NaN/Inf ({cfg.method}, {cfg.bits} bits)")
+    merged_rec = _read_json(Path(merged).with_suffix(".json"))
+    record = {
+        "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
+        "quant_params": dataclasses.asdict(cfg),
+        "seed": seed if cfg.spec.needs_calibration else None,
+        "n_calib": n_calib if cfg.spec.needs_calibration else None,
+        "merge": merged_rec["merge"], "merge_params": merged_rec["params"],
+        "cost": {"quantize_seconds": rep.seconds,
+                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                 "gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None},
+        "device": str(dev), "layers": len(rep.layers),
+        "quantized": sorted(rep.results),
+    }
+    out = Path(out)
+    save_safetensors_atomic(out, sd)
+    write_json_atomic(out.with_suffix(".json"), record)
+    if packed is not None:
+        from epmq.quant.packed import save_quantized
+
+        if not rep.results:
+            raise EPMQError(f"--packed: method {cfg.method!r} leaves no integer codes to pack")
+        record["packed"] = save_quantized(model.to("cpu"), rep.results, packed,
+                                          config={k: record[k] for k in ("method", "bits", "group_size",
+                                                                         "merge", "merge_params", "seed")})
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+
+def parse_model_id(model: str) -> dict:
+    """``base`` | ``experts/<task>`` | ``merged/<merge>`` | ``quant/<merge>/<quantizer>/w<b>g<g>/s<seed>``."""
+    parts = model.split("/")
+    if parts == ["base"]:
+        return {"model": "base"}
+    if len(parts) == 2 and parts[0] == "experts":
+        return {"model": "expert", "expert_task": parts[1]}
+    if len(parts) == 2 and parts[0] == "merged":
+        return {"model": "merged", "merge": parts[1]}
+    if len(parts) == 5 and parts[0] == "quant":
+        return {"model": "quantized", "merge": parts[1], "quantizer": parts[2]}
+    raise EPMQError(f"model id {model!r}: expected base, experts/<task>, merged/<merge> or quant/<run>")
+
+
+def evaluate(spec: dict, suite_id: str, model: str, weights, out, *, split: str = "test") -> dict:
+    """Test accuracy of every task for one encoder; writes the run record the leaderboard reads."""
+    from epmq.config import fmt_value
+
+    kind = parse_model_id(model)
+    suite = open_suite(spec)
+    t0 = time.perf_counter()
+    recs = suite.evaluate_all(suite.load_encoder(weights), split=split)
+    recs = recs.get("tasks", recs)
+    side = _read_json(Path(weights).with_suffix(".json")) if kind["model"] in ("merged", "quantized") else {}
+    variant = {}
+    if kind["model"] == "quantized":
+        _, _, rest = kind["quantizer"].partition(".")
+        if rest:
+            p = rest.split("=", 1)[0]
+            variant = {p: side["quant_params"][p]}
+            assert fmt_value(variant[p]) == rest.split("=", 1)[1], (variant, rest)
+    record = {
+        "schema": 1, "suite": suite_id, "model": kind["model"], "expert_task": kind.get("expert_task"),
+        "merge": side.get("merge"), "merge_params": side.get("merge_params", side.get("params", {})),
+        "method": side.get("method") if kind["model"] == "quantized" else None,
+        "bits": side.get("bits"), "group_size": side.get("group_size"), "variant": variant,
+        "quant_params": side.get("quant_params", {}), "seed": side.get("seed"), "n_calib": side.get("n_calib"),
+        "split": split, "tasks": recs,
+        "cost": side.get("cost", {"quantize_seconds": None, "peak_rss_mb": None, "gpu_mb": None}),
+        "eval_seconds": time.perf_counter() - t0,
+        "provenance": {**provenance(), "suite_type": spec["type"], "suite_seed": spec["seed"]},
+    }
+    write_json_atomic(out, record)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def report(eval_paths, out_dir, *, benchmarks=(), meta: dict | None = None) -> dict:
+    """The leaderboard from the run records. Each quantized run's cost is joined with its quantize job's
+    benchmark file when ``benchmarks`` has it (``.../quantize/<suite>/<run>.tsv`` for
+    ``.../<suite>/eval/quant/<run>.json``)."""
+    from epmq.report import build_leaderboard, load_runs
+
+    by_run = {}
+    for b in map(Path, benchmarks):
+        parts = b.with_suffix("").parts
+        if "quantize" in parts:
+            by_run[parts[parts.index("quantize") + 1:]] = b
+    eval_paths = [Path(p) for p in eval_paths]
+    benches = []
+    for p in eval_paths:
+        parts = p.with_suffix("").parts
+        key = (parts[parts.index("eval") - 1], *parts[parts.index("eval") + 2:]) if "quant" in parts else None
+        benches.append(by_run.get(key) if key else None)
+    return build_leaderboard(load_runs(eval_paths, benches), out_dir, meta=meta)
+
+
+def run_meta(grid) -> dict:
+    """The leaderboard's methodology header for a grid."""
+    cal = grid.config["calibration"]
+    prov = provenance()
+    return {
+        "calibration": f"{cal['n_per_task']} examples per task from each task's train split, batches of "
+                       f"{cal['batch_size']}; {grid.config['quantize']['params'].get('propagation', 'sequential')}"
+                       " propagation",
+        "seeds": cal["seeds"],
+        "merge selection": "hyperparameters in each merge's `select:` chosen by mean validation accuracy",
+        "versions": {k: prov[k] for k in ("epmq", "torch", "numpy", "python")},
+        "git_sha": prov["git_sha"],
+        "platform": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+    }

@@ -1,0 +1,21 @@
+rule merge:
+    input:
+        base=rules.base.output,
+        experts=experts_of,
+    output:
+        model=f"{R}/{{suite}}/merged/{{merge}}.safetensors",
+        record=f"{R}/{{suite}}/merged/{{merge}}.json",
+    log:
+        "logs/merge/{suite}/{merge}.log",
+    benchmark:
+        "benchmarks/merge/{suite}/{merge}.tsv"
+    conda:
+        "../../envs/epmq.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+    params:
+        spec=spec,
+        merge=lambda w: GRID.merges[w.merge],
+    script:
+        "../scripts/merge.py"

@@ -1,0 +1,8 @@
+"""Evaluate one encoder on every task's test split; writes the run record the leaderboard reads."""
+
+from epmq.pipeline import evaluate, log_to, with_threads
+
+sm = snakemake  # noqa: F821 (injected by the script directive)
+with log_to(sm.log[0]):
+    spec = with_threads(sm.params.spec, sm.threads)
+    evaluate(spec, sm.wildcards.suite, sm.wildcards.model, sm.input[0], sm.output[0])
