@@ -1,6 +1,8 @@
 # epmq: experts -> merge -> calibrate -> quantize (RTN, GPTQ, E-PMQ) -> evaluate -> leaderboard.
 # Run: snakemake --cores all [--resources gpu=N] [--profile profiles/slurm]; results in reports/.
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
+
+import epmq.config
 
 min_version("8.0")
 
@@ -11,7 +13,8 @@ if not workflow.overwrite_configfiles:
     configfile: "config.yaml"
 
 
-validate(config, schema="workflow/schemas/config.schema.yaml")
+# workflow/schemas/config.schema.yaml: types + defaults; a violation stops here with one line naming the key
+epmq.config.validate(config)
 
 
 report: "workflow/report/workflow.rst"

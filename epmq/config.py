@@ -108,7 +108,8 @@ class Grid:
         method, variant = self.quantizer(quantizer_id)
         used = relevant_knobs(METHODS[method])
         shared = {k: v for k, v in self.config["quantize"]["params"].items() if k in used}
-        return {"method": method, "bits": int(bits), "group_size": int(group_size), **shared, **variant}
+        knobs = dict(sorted({**shared, **variant}.items()))
+        return {"method": method, "bits": int(bits), "group_size": int(group_size), **knobs}
 
     def eval_targets(self, suite: str) -> list[str]:
         """Every run id evaluated for ``suite`` (paths under ``results/<suite>/eval/``, without ``.json``)."""
@@ -148,7 +149,7 @@ def expand(config: dict) -> Grid:
         kind = s.get("type", sid)
         if kind not in SUITES:
             raise EPMQError(f"suites.{sid}.type={kind!r}: expected one of {sorted(SUITES)}")
-        options = dict(s.get("options") or {})
+        options = dict(sorted((s.get("options") or {}).items()))  # canonical order: params compare equal
         tasks = _suite_tasks(kind, options)
         if len(tasks) < 1:
             raise EPMQError(f"suites.{sid}: no tasks")
@@ -162,8 +163,8 @@ def expand(config: dict) -> Grid:
         method = m.get("method", mid)
         if method not in MERGES:
             raise EPMQError(f"merges.{mid}.method={method!r}: expected one of {sorted(MERGES)}")
-        params = dict(m.get("params") or {})
-        select = {k: list(v) for k, v in (m.get("select") or {}).items()}
+        params = dict(sorted((m.get("params") or {}).items()))
+        select = {k: list(v) for k, v in sorted((m.get("select") or {}).items())}
         known = set(MERGES[method].defaults)
         for k in [*params, *select]:
             if k not in known:

@@ -187,8 +187,9 @@ def merge(spec: dict, merge_id: str, method: str, params: dict, select: dict, ou
         trials.append(trial)
         if best is None or trial.get("validation_mean", 0) > best[0].get("validation_mean", 0):
             best = (trial, sd)
-    chosen = {**get_method(method).defaults, **params, **best[0]["params"]}
-    record = {"merge": merge_id, "method": method, "params": chosen, "selected_on": "validation",
+    chosen = {**params, **best[0]["params"]}
+    record = {"merge": merge_id, "method": method, "params": chosen,
+              "resolved_params": {**get_method(method).defaults, **chosen}, "selected_on": "validation",
               "trials": trials, "seconds": time.perf_counter() - t0, "tasks": list(suite.tasks)}
     out = Path(out)
     save_safetensors_atomic(out, best[1], metadata={"epmq_merge": json.dumps(record["params"])})

@@ -1,0 +1,372 @@
+"""The leaderboard's tables as plain data (:class:`Table` of :class:`Cell`), rendered to Markdown and HTML by
+:mod:`epmq.report.render` from the same objects, so the two can never disagree."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+from epmq.report.aggregate import EMPTY, Agg, Stat, SuiteData
+from epmq.report.names import (
+    ABLATION_METHODS,
+    DASH,
+    MAIN_METHODS,
+    METHOD_NAMES,
+    MINUS,
+    UNRANKED_METHODS,
+    bits_label,
+    fmt_value,
+    group_size_key,
+    merge_label,
+    method_name,
+    method_rank,
+    none_first,
+)
+
+BEST_MARK = "\u2020"  # †
+DELTA_HEADER = f"Δ(E-PMQ {MINUS} GPTQ)"
+
+
+@dataclass
+class Cell:
+    text: str = DASH
+    se: str | None = None  # standard error, shown as "(se)" after the text
+    strong: bool = False
+    best: bool = False
+    num: bool = False  # right-aligned numeric cell
+
+
+@dataclass
+class Table:
+    headers: list
+    rows: list = field(default_factory=list)  # list[list[Cell]]
+    row_classes: list = field(default_factory=list)  # per row: "ref", "block" (first of a block), ""
+    caption: str = ""
+
+    def add(self, cells: list, cls: str = "") -> None:
+        self.rows.append(cells)
+        self.row_classes.append(cls)
+
+
+def f1(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def stat_cell(st: Stat, *, strong: bool = False) -> Cell:
+    """``mean ± std (se)``; a single seed: ``mean (se)``; no data: "–"."""
+    if st.mean is None:
+        return Cell(num=True)
+    text = f1(st.mean) if st.std is None else f"{f1(st.mean)} ± {f1(st.std)}"
+    return Cell(text, None if st.se is None else f1(st.se), strong=strong, num=True)
+
+
+def fmt_delta(d: float | None) -> str:
+    """Signed, one decimal, typographic minus: "+8.6", "−1.2", "0.0"; "–" when undefined."""
+    if d is None:
+        return DASH
+    s = f1(abs(d))
+    if s == "0.0":
+        return s
+    return f"+{s}" if d > 0 else f"{MINUS}{s}"
+
+
+def delta(a: Agg | None, b: Agg | None) -> float | None:
+    if a is None or b is None or a.avg.mean is None or b.avg.mean is None:
+        return None
+    return a.avg.mean - b.avg.mean
+
+
+def _task_cells(agg: Agg | None, tasks: list) -> list:
+    cells = [stat_cell(agg.cell(t) if agg else EMPTY) for t in tasks]
+    return cells + [stat_cell(agg.avg if agg else EMPTY, strong=True)]
+
+
+def _rounded(x: float) -> float:
+    return float(f1(x))
+
+
+def _seed_note(agg: Agg | None, max_seeds: int) -> str:
+    if agg is None or all(s is None for s in agg.seeds) or len(agg.seeds) >= max_seeds:
+        return ""
+    n = len(agg.seeds)
+    return f" ({n} seed{'s' if n != 1 else ''})"
+
+
+def pivot_table(sd: SuiteData) -> Table:
+    """Reference rows, then per merge setting, bit width and group size: RTN, GPTQ, E-PMQ and the ablations."""
+    tasks = sd.tasks
+    t = Table(["Method", "Merge", "Bits", *tasks, "Avg", DELTA_HEADER])
+    t.add([Cell("Base (zero-shot)"), Cell(), Cell("FP"), *_task_cells(sd.base, tasks), Cell("")], "ref")
+    t.add(
+        [Cell("Experts (each on its own task)"), Cell(), Cell("FP"), *_task_cells(sd.experts, tasks), Cell("")], "ref"
+    )
+    for mk in sd.merge_keys:
+        label = merge_label(mk[0], sd.merge_params[mk], with_params=True)
+        t.add([Cell("FP merged"), Cell(label), Cell("FP"), *_task_cells(sd.fp.get(mk), tasks), Cell("")], "ref")
+
+    defaults = sd.quant_keys(default=True)
+    max_seeds = max((len(sd.quant[k].seeds) for k in defaults), default=0)
+    for mk in sd.merge_keys:
+        mlabel = merge_label(mk[0], sd.merge_params[mk], with_params=sd.show_params(mk[0]))
+        blocks = sorted(
+            {(k[2], k[3]) for k in defaults if k[0] == mk}, key=lambda b: (none_first(b[0]), group_size_key(b[1]))
+        )
+        for bits, gs in blocks:
+            present = sorted({k[1] for k in defaults if k[0] == mk and k[2] == bits and k[3] == gs}, key=method_rank)
+            # a bit width always shows the three headline methods ("–" if absent); ablations only when present
+            methods = [*MAIN_METHODS, *(m for m in present if m not in MAIN_METHODS)] if bits is not None else present
+            aggs = {m: sd.quant.get((mk, m, bits, gs, "")) for m in methods}
+            ranked = [
+                aggs[m].avg.mean
+                for m in methods
+                if m not in UNRANKED_METHODS and aggs[m] and aggs[m].avg.mean is not None
+            ]
+            best = max(map(_rounded, ranked)) if ranked else None
+            for i, m in enumerate(methods):
+                agg = aggs[m]
+                cells = [Cell(method_name(m) + _seed_note(agg, max_seeds)), Cell(mlabel), Cell(bits_label(bits, gs))]
+                cells += _task_cells(agg, tasks)
+                if agg and best is not None and m not in UNRANKED_METHODS and agg.avg.mean is not None:
+                    cells[-1].best = _rounded(agg.avg.mean) == best
+                d = fmt_delta(delta(agg, aggs.get("gptq"))) if m == "epmq" else ""
+                cells.append(Cell(d, num=True))
+                t.add(cells, "block" if i == 0 else "")
+    return t
+
+
+def _variant_sort_key(variant: dict) -> tuple:
+    return tuple(
+        (k, (0, float(v), "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0.0, fmt_value(v)))
+        for k, v in sorted(variant.items())
+    )
+
+
+def sweep_clusters(sd: SuiteData) -> list:
+    """[(merge key, bits, group size, method, [variant strings sorted by value])] for the sweep table/figure."""
+    clusters: dict = {}
+    for mk, m, bits, gs, var in sd.quant_keys(default=False):
+        clusters.setdefault((mk, bits, gs, m), []).append(var)
+    out = []
+    for key in sorted(clusters, key=lambda c: (c[0], none_first(c[1]), group_size_key(c[2]), method_rank(c[3]))):
+        out.append((*key, sorted(clusters[key], key=lambda v: _variant_sort_key(sd.variants[v]))))
+    return out
+
+
+def default_setting(sd: SuiteData, qk: tuple, keys) -> str:
+    """The default row's label, e.g. "default (lam_w=0.01)": the swept keys' values as recorded in the default
+    runs' quant_params."""
+    qp = sd.quant_params.get(qk, {})
+    known = [f"{k}={fmt_value(qp[k])}" for k in sorted(keys) if k in qp]
+    return f"default ({', '.join(known)})" if known else "default"
+
+
+def sweep_table(sd: SuiteData) -> Table | None:
+    clusters = sweep_clusters(sd)
+    if not clusters:
+        return None
+    t = Table(["Merge", "Bits", "Method", "Setting", "Avg", "Δ vs default", "Δ vs GPTQ"])
+    for mk, bits, gs, m, variants in clusters:
+        mlabel = merge_label(mk[0], sd.merge_params[mk], with_params=sd.show_params(mk[0]))
+        blabel = bits_label(bits, gs)
+        gptq = sd.quant.get((mk, "gptq", bits, gs, ""))
+        dflt = sd.quant.get((mk, m, bits, gs, ""))
+        keys = {k for v in variants for k in sd.variants[v]}
+        first = "block"
+        if m != "gptq":
+            t.add(
+                [
+                    Cell(mlabel),
+                    Cell(blabel),
+                    Cell(method_name("gptq")),
+                    Cell("default"),
+                    stat_cell(gptq.avg if gptq else EMPTY),
+                    Cell("", num=True),
+                    Cell("", num=True),
+                ],
+                first,
+            )
+            first = ""
+        t.add(
+            [
+                Cell(mlabel),
+                Cell(blabel),
+                Cell(method_name(m)),
+                Cell(default_setting(sd, (mk, m, bits, gs, ""), keys)),
+                stat_cell(dflt.avg if dflt else EMPTY),
+                Cell("", num=True),
+                Cell(fmt_delta(delta(dflt, gptq)) if m != "gptq" else "", num=True),
+            ],
+            first,
+        )
+        for v in variants:
+            agg = sd.quant[(mk, m, bits, gs, v)]
+            t.add(
+                [
+                    Cell(mlabel),
+                    Cell(blabel),
+                    Cell(method_name(m)),
+                    Cell(v.replace(",", ", ")),
+                    stat_cell(agg.avg),
+                    Cell(fmt_delta(delta(agg, dflt)), num=True),
+                    Cell(fmt_delta(delta(agg, gptq)), num=True),
+                ]
+            )
+    return t
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def cost_table(sd: SuiteData) -> Table | None:
+    """Median quantize time, peak RSS and GPU memory per method (default settings), and the ratios to GPTQ."""
+    runs = [r for r in sd.runs if r["model"] == "quantized" and not r["variant"]]
+    if not runs:
+        return None
+    methods = sorted({r["method"] for r in runs}, key=method_rank)
+    med = {
+        m: {
+            k: _median(r["cost"].get(k) for r in runs if r["method"] == m)
+            for k in ("quantize_seconds", "peak_rss_mb", "gpu_mb")
+        }
+        for m in methods
+    }
+    g = med.get("gptq", {})
+
+    def ratio(m, k):
+        a, b = med[m][k], g.get(k)
+        return Cell(DASH if a is None or not b else f"{a / b:.2f}×", num=True)
+
+    def num(x, fmt):
+        return Cell(DASH if x is None else format(x, fmt), num=True)
+
+    t = Table(
+        [
+            "Method",
+            "Runs",
+            "Quantize time, median (s)",
+            "Time vs GPTQ",
+            "Peak RSS, median (MB)",
+            "RSS vs GPTQ",
+            "GPU memory, median (MB)",
+        ]
+    )
+    for m in methods:
+        n = sum(1 for r in runs if r["method"] == m)
+        t.add(
+            [
+                Cell(method_name(m)),
+                Cell(str(n), num=True),
+                num(med[m]["quantize_seconds"], ".1f"),
+                ratio(m, "quantize_seconds"),
+                num(med[m]["peak_rss_mb"], ".0f"),
+                ratio(m, "peak_rss_mb"),
+                num(med[m]["gpu_mb"], ".0f"),
+            ]
+        )
+    return t
+
+
+# ---------------------------------------------------------------------------------------------- the header
+
+_META_LABELS = {
+    "calibration": "Calibration",
+    "seeds": "Seeds",
+    "versions": "Versions",
+    "git_sha": "Git SHA",
+    "config": "Config",
+    "command": "Command",
+}
+_CODE_KEYS = {"git_sha", "config", "command"}
+
+
+def _meta_value(v) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_meta_value(x)}" for k, x in sorted(v.items(), key=lambda kv: str(kv[0])))
+    if isinstance(v, (list, tuple, set, frozenset)):
+        items = sorted(v, key=str) if isinstance(v, (set, frozenset)) else v
+        return ", ".join(_meta_value(x) for x in items)
+    return fmt_value(v)
+
+
+def methodology(runs: list[dict]) -> list[tuple]:
+    """The fixed explanation of the numbers: [(label, text)]."""
+    ablations = "; ".join(f"*{METHOD_NAMES[m]}*" for m in ABLATION_METHODS)
+    return [
+        (
+            "Metric",
+            "top-1 accuracy (%) on each task's test split; **Avg** is the unweighted mean over the suite's "
+            "tasks, computed per seed before aggregating (a run lacking a task gets no Avg).",
+        ),
+        (
+            "Cells",
+            "`mean ± std (se)`: mean and sample standard deviation (n−1) over the calibration seeds of the "
+            "same (merge, method, bits, group size, setting); a single run shows `mean (se)`. "
+            "`se` is the binomial standard error of the test-set estimate, √(p(1−p)/n), averaged over seeds; "
+            "for Avg it is √(Σₜ seₜ²)/T. All seeds share one test set, so averaging seeds does not shrink se: "
+            "differences below about 2·se are within test-set noise.",
+        ),
+        (
+            "Marks",
+            f"every Avg is bold; {BEST_MARK} marks the best Avg (at the displayed precision, ties all marked) "
+            "among the quantized rows of one (merge, bits, group size) block. "
+            f"*{METHOD_NAMES['epmq_unrounded']}* is not a quantized model and is never marked.",
+        ),
+        (
+            "Δ(E-PMQ − GPTQ)",
+            "mean Avg of E-PMQ minus mean Avg of GPTQ in the same block, in accuracy points "
+            "(negative when E-PMQ loses).",
+        ),
+        (
+            "Rows",
+            "reference rows first: the base model zero-shot, each expert on its own task (the diagonal), "
+            "the full-precision merged model per merge method with its chosen hyperparameters; then per merge "
+            'method, bit width and group size RTN, GPTQ and E-PMQ at their default settings ("–" = not run) '
+            f"and the ablations present: {ablations}. Bits `4` = one scale per output row, `4 · g64` = groups "
+            "of 64 input columns; `(2 seeds)` after a method = fewer seeds than the other rows. "
+            "Hyperparameter sweep points are in their own table.",
+        ),
+    ]
+
+
+def meta_items(meta: dict | None) -> list[tuple]:
+    """[(label, text, is_code)] from the caller's ``meta``: known keys first in a fixed order, then the rest."""
+    meta = dict(meta or {})
+    meta.pop("title", None)
+    keys = [k for k in _META_LABELS if k in meta] + sorted(k for k in meta if k not in _META_LABELS)
+    out = []
+    for k in keys:
+        if meta[k] is None:
+            continue
+        label = _META_LABELS.get(k, str(k).replace("_", " ").capitalize())
+        out.append((label, _meta_value(meta[k]), k in _CODE_KEYS))
+    return out
+
+
+def data_items(runs: list[dict]) -> list[tuple]:
+    """[(label, text, is_code)] read from the runs themselves, so the header cannot drift from the data."""
+
+    def distinct(values):
+        vals = sorted({v for v in values if v is not None}, key=str)
+        return vals
+
+    suites = distinct(r["suite"] for r in runs)
+    seeds = distinct(r["seed"] for r in runs)
+    n_calib = distinct(r["n_calib"] for r in runs)
+    items = [("Evaluation files", f"{len(runs)} (suites: {', '.join(suites)})", False)]
+    if seeds:
+        items.append(("Calibration seeds in the data", ", ".join(map(str, seeds)), False))
+    if n_calib:
+        items.append(("Calibration examples per task (n_calib) in the data", ", ".join(map(str, n_calib)), False))
+    for key, label in (("epmq", "epmq versions"), ("torch", "torch versions"), ("git_sha", "Git SHAs")):
+        vals = distinct(r["provenance"].get(key) for r in runs)
+        if vals:
+            text = ", ".join(map(str, vals)) + (" (mixed: runs come from different builds)" if len(vals) > 1 else "")
+            items.append((f"{label} in the data", text, key == "git_sha"))
+    return items
+
+
+def suite_summary(sd: SuiteData) -> str:
+    sizes = ", ".join(f"{t} {'/'.join(map(str, n))}" for t, n in sd.test_sizes.items())
+    return f"{len(sd.tasks)} tasks; test examples per task: {sizes or DASH}; {len(sd.runs)} evaluation files."
