@@ -16,7 +16,7 @@ from epmq.suites import get_suite  # noqa: E402
 from epmq.suites.minilm import MiniLMSuite  # noqa: E402
 
 TINY = dict(tasks=("spam", "tweet_device"), max_len=16, max_train=64, n_val=16, n_test=24, n_proto=16, steps=3,
-            batch_size=8, eval_batch_size=16, lr=1e-3)
+            batch_size=8, eval_batch_size=16, lr=1e-3, threads=1)
 
 
 def _suite(cache, **kw):
@@ -58,8 +58,15 @@ def test_registry_and_adapter(built):
 
 def test_artefacts_and_metadata(built):
     cache, suite, paths, _ = built
-    assert paths["base"].is_file() and all(paths[t].is_file() for t in suite.tasks)
-    base_meta = json.loads((cache / "base" / "meta.json").read_text())
+    # the cache layout shared with tiny-vit: one pattern per kind of artefact, metadata = path.with_suffix
+    assert paths["base"] == suite.base_path == cache / "base.safetensors"
+    assert all(paths["experts"][t] == suite.expert_path(t) == cache / "experts" / f"{t}.safetensors"
+               for t in suite.tasks)
+    assert all(paths["heads"][t] == suite.head_path(t) for t in suite.tasks)
+    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()) == sorted(
+        ["base.safetensors", "base.json"] + [f"{d}/{t}.{e}" for d in ("heads", "experts") for t in suite.tasks
+                                             for e in ("safetensors", "json")])
+    base_meta = json.loads((cache / "base.json").read_text())
     assert base_meta["kind"] == "base" and base_meta["settings"]["seed"] == 0
     for t in suite.tasks:
         m = suite.expert_meta(t)
@@ -158,3 +165,17 @@ def test_errors(built, tmp_path):
         MiniLMSuite(tmp_path, head_init="random")
     with pytest.raises(EPMQError, match="split="):
         suite.evaluate(suite.new_encoder(), "spam", split="dev")
+
+
+def test_build_base_builds_heads_and_threads_is_no_setting(built, tmp_path):
+    cache, suite, _, _ = built
+    other = _suite(tmp_path, tasks=("spam",))
+    assert other.build_base() == tmp_path / "base.safetensors"
+    assert other.head_path("spam").is_file() and other.head_path("spam").with_suffix(".json").is_file()
+    assert not other.expert_path("spam").exists()
+    # threads only sets torch's thread count: a cache built with 1 thread is reused with 2
+    assert _suite(cache, threads=2).build_expert("spam") == suite.expert_path("spam")
+    with pytest.raises(EPMQError, match="threads"):
+        MiniLMSuite(tmp_path, threads=0)
+    r = suite.evaluate_all(suite.load_encoder(suite.base_state_dict()), split="validation")
+    assert set(r) == {"tasks", "mean"} and set(r["tasks"]) == set(suite.tasks)

@@ -134,6 +134,10 @@ def test_errors(built, tmp_path):
         TinyViTSuite(tmp_path, bogus=1)
     with pytest.raises(EPMQError, match="cifar"):
         TinyViTSuite(tmp_path, tasks=("cifar",))
+    with pytest.raises(EPMQError, match="init="):
+        TinyViTSuite(tmp_path, init="xavier")
+    with pytest.raises(EPMQError, match="init_df"):
+        TinyViTSuite(tmp_path, init_df=2)
     with pytest.raises(EPMQError, match="'mnist'"):
         suite.head("mnist")
     with pytest.raises(EPMQError, match="other suite options"):
@@ -142,3 +146,25 @@ def test_errors(built, tmp_path):
     assert other.build_base() == suite.base_path  # the base does not depend on expert options
     with pytest.raises(EPMQError, match="other suite options"):
         other.build_expert("digits")
+
+
+def test_layout_build_base_heads_and_evaluate_all(built, tmp_path):
+    suite, paths = built
+    cache = suite.cache_dir
+    assert paths["base"] == suite.base_path == cache / "base.safetensors"
+    assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()) == sorted(
+        ["base.safetensors", "base.json"] + [f"{d}/{t}.{e}" for d in ("heads", "experts") for t in suite.tasks
+                                             for e in ("safetensors", "json")])
+    other = TinyViTSuite(tmp_path, seed=0, **TINY)
+    assert other.build_base() == tmp_path / "base.safetensors"
+    assert all(other.head_path(t).is_file() for t in other.tasks)  # build_base builds every head
+    assert not (tmp_path / "experts").exists()
+    from safetensors.torch import load_file
+
+    sd = load_file(str(suite.expert_path("digits")))
+    a, b = suite.load_encoder(sd), suite.load_encoder(suite.expert_path("digits"))
+    x = suite.calibration_batches("digits", 8, seed=0)[0]
+    assert torch.equal(a(x), b(x))
+    r = suite.evaluate_all(a, split="validation")
+    assert set(r) == {"tasks", "mean"} and r["mean"] == pytest.approx(
+        sum(v["accuracy"] for v in r["tasks"].values()) / len(r["tasks"]))

@@ -9,6 +9,13 @@ SUITES: dict[str, str] = {
     "minilm": "epmq.suites.minilm:MiniLMSuite",
 }
 
+#: each suite's default task list (the suites' ``DEFAULTS["tasks"]``; a test keeps them equal), readable
+#: without importing torch -- the workflow needs it to build its job list.
+DEFAULT_TASKS: dict[str, tuple[str, ...]] = {
+    "tiny-vit": ("fashion_mnist", "mnist", "digits", "textures"),
+    "minilm": ("tweet_sentiment", "spam", "fine_food", "tweet_device"),
+}
+
 
 def get_suite(name: str, cache_dir, **options):
     """Instantiate the suite called ``name`` with its cache folder."""

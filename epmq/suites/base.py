@@ -27,14 +27,35 @@ class Suite(ABC):
         self.seed = seed
         self.options = options
 
+    # -- cache layout (the same for every suite, so a workflow declares the files with one pattern) --------
+    # {cache}/base.safetensors, {cache}/heads/<task>.safetensors, {cache}/experts/<task>.safetensors, each
+    # with its metadata next to it: path.with_suffix(".json").
+    @property
+    @abstractmethod
+    def base_path(self) -> Path:
+        """``{cache}/base.safetensors``."""
+
+    @abstractmethod
+    def head_path(self, task: str) -> Path:
+        """``{cache}/heads/<task>.safetensors``."""
+
+    @abstractmethod
+    def expert_path(self, task: str) -> Path:
+        """``{cache}/experts/<task>.safetensors``."""
+
     # -- models -------------------------------------------------------------------------------------------
     @abstractmethod
     def new_encoder(self):
         """A freshly built encoder with this suite's architecture (weights arbitrary)."""
 
     @abstractmethod
+    def load_encoder(self, weights):
+        """An encoder in eval mode holding ``weights`` (a safetensors path or a state dict)."""
+
+    @abstractmethod
     def build_base(self) -> Path:
-        """Create (or find cached) the base encoder's safetensors; return its path."""
+        """Create (or find cached) the base encoder's safetensors *and every task's head*; return the base's
+        path. Expert jobs run after it in parallel then never build a head concurrently."""
 
     @abstractmethod
     def build_expert(self, task: str) -> Path:
@@ -53,3 +74,7 @@ class Suite(ABC):
     def evaluate(self, encoder, task: str, *, split: str = "test") -> dict:
         """Top-1 accuracy of ``encoder`` + ``task``'s head on ``split``:
         ``{"task", "split", "n", "correct", "accuracy", "stderr"}`` (stderr = sqrt(p(1-p)/n))."""
+
+    @abstractmethod
+    def evaluate_all(self, encoder, *, split: str = "test") -> dict:
+        """``{"tasks": {task: evaluate(...)}, "mean": unweighted mean accuracy over the tasks}``."""
