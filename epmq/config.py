@@ -194,8 +194,13 @@ def expand(config: dict) -> Grid:
             if mid not in grid.merges:
                 raise EPMQError(f"{where}: merge {mid!r} is not a key of merges: ({sorted(grid.merges)})")
 
-    def add(methods, bits_list, groups, merges, variant=()):
-        for sid in grid.suites:
+    def check_suites(where, suites):
+        for sid in suites or []:
+            if sid not in grid.suites:
+                raise EPMQError(f"{where}: suite {sid!r} is not a key of suites: ({sorted(grid.suites)})")
+
+    def add(methods, bits_list, groups, merges, variant=(), suites=None):
+        for sid in suites or grid.suites:
             for mid in merges:
                 for meth in methods:
                     qid = meth + "".join(f".{p}={fmt_value(v)}" for p, v in variant)
@@ -214,16 +219,19 @@ def expand(config: dict) -> Grid:
     if ab.get("methods"):
         check_methods("quantize.ablations.methods", ab["methods"])
         check_merges("quantize.ablations.merges", ab.get("merges") or list(grid.merges))
-        add(ab["methods"], ab.get("bits") or q["bits"], q["group_size"], ab.get("merges") or list(grid.merges))
+        check_suites("quantize.ablations.suites", ab.get("suites"))
+        add(ab["methods"], ab.get("bits") or q["bits"], q["group_size"], ab.get("merges") or list(grid.merges),
+            suites=ab.get("suites"))
     for i, sw in enumerate(q.get("sweeps") or []):
         where = f"quantize.sweeps[{i}]"
         check_methods(where, [sw["method"]])
         if sw["param"] not in QUANT_KNOBS:
             raise EPMQError(f"{where}.param={sw['param']!r}: expected one of {list(QUANT_KNOBS)}")
         check_merges(where, sw.get("merges") or list(grid.merges))
+        check_suites(where, sw.get("suites"))
         for v in sw["values"]:
             add([sw["method"]], sw.get("bits") or q["bits"], q["group_size"], sw.get("merges") or list(grid.merges),
-                ((sw["param"], v),))
+                ((sw["param"], v),), suites=sw.get("suites"))
     for b in {r.bits for r in grid.runs}:
         if not 2 <= b <= 8:
             raise EPMQError(f"bits={b}: expected 2..8")

@@ -135,6 +135,21 @@ def test_grid_expansion_and_knob_scoping():
     assert grid.quant_config("epmq", 3, -1)["lam_w"] == 0.01
 
 
+def test_ablations_and_sweeps_can_be_limited_to_suites():
+    cfg = _tiny()
+    cfg["suites"]["other"] = {"type": "tiny-vit", "options": {"tasks": ["digits", "mnist"]}}
+    cfg["quantize"]["ablations"]["suites"] = ["other"]
+    cfg["quantize"]["sweeps"][0]["suites"] = ["tiny-vit"]
+    grid = epmq.config.expand(_validated(cfg))
+    by_suite = {s: {r.quantizer for r in grid.runs if r.suite == s} for s in grid.suites}
+    assert "epmq_unrounded" in by_suite["other"] and "epmq_unrounded" not in by_suite["tiny-vit"]
+    assert "epmq.lam_w=1" in by_suite["tiny-vit"] and "epmq.lam_w=1" not in by_suite["other"]
+    assert grid.tasks("other") == ["digits", "mnist"]
+    cfg["quantize"]["sweeps"][0]["suites"] = ["nope"]
+    with pytest.raises(EPMQError, match="suite 'nope' is not a key"):
+        epmq.config.expand(cfg)
+
+
 def test_claim_gpu_gives_distinct_devices(tmp_path):
     from epmq.device import claim_gpu
 
@@ -164,9 +179,6 @@ def tiny_run(tmp_path_factory):
     """The tiny config, run end to end in a fresh folder."""
     work = tmp_path_factory.mktemp("dag")
     shutil.copy(ROOT / "configs" / "tiny.yaml", work / "tiny.yaml")
-    data = ROOT / "data"
-    if data.is_dir():  # the installed data packages (else the suites install them into work/data)
-        (work / "data").symlink_to(data)
     _snakemake("--cores", "2", "--configfile", "tiny.yaml", cwd=work)
     return work
 
