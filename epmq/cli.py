@@ -137,16 +137,15 @@ def cmd_report(args):
     from epmq import pipeline
 
     grid = _grid(args)
-    evals = [_path(grid, "eval", suite=s, model=m) for s in grid.suites for m in grid.eval_targets(s)]
+    evals = grid.eval_paths()
     missing = [e for e in evals if not Path(e).is_file()]
     if missing and not args.partial:
         raise EPMQError(f"{len(missing)} eval records missing, e.g. {missing[0]} (run the grid, or --partial)")
     evals = [e for e in evals if Path(e).is_file()]
-    benches = [f"benchmarks/quantize/{r.suite}/{r.path}.tsv" for r in grid.runs]
-    paths = pipeline.report(evals, args.out or grid.config["reports"], benchmarks=[b for b in benches
-                                                                                    if Path(b).is_file()],
+    benches = [b for b in grid.quant_benchmarks() if Path(b).is_file()]
+    paths = pipeline.report(evals, args.out or grid.config["reports"], benchmarks=benches,
                             meta=pipeline.run_meta(grid))
-    for p in paths.values() if isinstance(paths, dict) else paths:
+    for p in paths.values():
         print(p)
 
 

@@ -94,7 +94,6 @@ class Grid:
         method, _, rest = quantizer_id.partition(".")
         if not rest:
             return method, {}
-        param, _, value = rest.partition("=")
         for run in self.runs:
             if run.quantizer == quantizer_id:
                 return method, dict(run.variant)
@@ -118,8 +117,13 @@ class Grid:
         out += [f"quant/{r.path}" for r in self.runs if r.suite == suite]
         return out
 
-    def calib_seeds(self) -> list[int]:
-        return sorted({r.seed for r in self.runs})
+    def eval_paths(self) -> list[str]:
+        """Every run record of the grid (the report's inputs), in a stable order."""
+        return [f"{self.config['results']}/{s}/eval/{m}.json" for s in self.suites for m in self.eval_targets(s)]
+
+    def quant_benchmarks(self) -> list[str]:
+        """Every quantize job's benchmark file (the leaderboard's cost columns)."""
+        return [f"benchmarks/quantize/{r.suite}/{r.path}.tsv" for r in self.runs]
 
 
 def _registries():

@@ -64,11 +64,3 @@ def weights_of(wildcards):
     if m.startswith("experts/"):
         return [f"{R}/{wildcards.suite}/{m}.safetensors"]
     return [f"{R}/{wildcards.suite}/{m}.safetensors", f"{R}/{wildcards.suite}/{m}.json"]
-
-
-def all_evals():
-    return [f"{R}/{s}/eval/{m}.json" for s in GRID.suites for m in GRID.eval_targets(s)]
-
-
-def all_quant_benchmarks():
-    return [f"benchmarks/quantize/{r.suite}/{r.path}.tsv" for r in GRID.runs]

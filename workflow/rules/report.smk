@@ -1,7 +1,7 @@
 rule report:
     input:
-        evals=all_evals(),
-        benchmarks=all_quant_benchmarks(),
+        evals=GRID.eval_paths(),
+        benchmarks=GRID.quant_benchmarks(),
     output:
         csv=report(
             f"{REPORTS}/leaderboard.csv",
