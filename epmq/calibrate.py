@@ -22,6 +22,7 @@ mappings (e.g. safetensors) and only one expert block is materialised at a time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Mapping, Sequence
@@ -58,12 +59,15 @@ class QuantConfig:
     task_weighting: str = "trace"
     fit_bias: bool = False
     propagation: str = "sequential"
+    forward_dtype: str = "fp32"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise EPMQError(f"method={self.method!r}: expected one of {sorted(METHODS)}")
         if self.propagation not in ("sequential", "fp"):
             raise EPMQError(f"propagation={self.propagation!r}: expected 'sequential' or 'fp'")
+        if self.forward_dtype not in FORWARD_DTYPES:
+            raise EPMQError(f"forward_dtype={self.forward_dtype!r}: expected one of {sorted(FORWARD_DTYPES)}")
 
     @property
     def spec(self) -> QuantMethod:
@@ -88,6 +92,11 @@ class _StopForward(Exception):
     pass
 
 
+#: largest total size (MiB) of one block's captured expert inputs kept in memory; beyond it, each group
+#: re-runs the expert blocks instead (same numbers, more compute)
+EXPERT_CACHE_MB = 4096
+
+
 @dataclass
 class _Call:
     """One captured block call: positional args and kwargs, hidden state in ``args[0]``."""
@@ -103,7 +112,9 @@ class _Call:
         return _Call((h, *self.args[1:]), self.kwargs)
 
 
-def _capture_block_inputs(model: nn.Module, block: nn.Module, adapter: Adapter, batches, device) -> list[_Call]:
+def _capture_block_inputs(
+    model: nn.Module, block: nn.Module, adapter: Adapter, batches, device, dtype: torch.dtype | None = None
+) -> list[_Call]:
     calls: list[_Call] = []
 
     def hook(_mod, args, kwargs):
@@ -118,7 +129,8 @@ def _capture_block_inputs(model: nn.Module, block: nn.Module, adapter: Adapter, 
     try:
         for batch in batches:
             try:
-                adapter.run(model, _to(batch, device))
+                with _autocast(device, dtype):
+                    adapter.run(model, _to(batch, device))
             except _StopForward:
                 pass
     finally:
@@ -138,8 +150,19 @@ def _to(x, device):
     return x
 
 
-def _run_block(block: nn.Module, call: _Call) -> torch.Tensor:
-    out = block(*call.args, **call.kwargs)
+FORWARD_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed-precision forwards (weights stay float32; statistics are accumulated in float32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def _run_block(block: nn.Module, call: _Call, dtype: torch.dtype | None = None) -> torch.Tensor:
+    with _autocast(call.hidden.device, dtype):
+        out = block(*call.args, **call.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -163,10 +186,18 @@ def _load_from(module: nn.Module, sd: Mapping[str, torch.Tensor], prefix: str, w
 class _Capture:
     """Hooks that record the inputs of a group's sites during one block call (by input key)."""
 
-    def __init__(self, sites: Sequence[Site]):
+    def __init__(self, sites: Sequence[Site], *, stop: bool = False):
         self.sites = sites
         self.inputs: dict[str, torch.Tensor] = {}
         self._busy = False
+        # stop: end the block call (raise _StopForward) as soon as every wanted input is captured, so a group
+        # early in the block does not pay for the rest of it
+        self._stop_after = {s.input_key for s in sites} if stop else None
+
+    def _store(self, key: str, x: torch.Tensor) -> None:
+        self.inputs[key] = x.detach()
+        if self._stop_after is not None and self._stop_after.issubset(self.inputs):
+            raise _StopForward
 
     def __enter__(self):
         self.handles = []
@@ -188,7 +219,7 @@ class _Capture:
 
     def _linear_hook(self, key):
         def hook(_mod, args):
-            self.inputs[key] = args[0].detach()
+            self._store(key, args[0])
 
         return hook
 
@@ -199,7 +230,7 @@ class _Capture:
             q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args) :])[:3]
             if not (k is q and v is q):
                 raise EPMQError(f"{site.name}: fused in_proj capture needs self-attention (query is key is value)")
-            self.inputs[site.input_key] = q.detach()
+            self._store(site.input_key, q)
 
         return hook
 
@@ -216,7 +247,7 @@ class _Capture:
                 ctx = torch.func.functional_call(mha, params, args, kwargs)[0]
             finally:
                 self._busy = False
-            self.inputs[site.input_key] = ctx.detach()
+            self._store(site.input_key, ctx)
 
         return hook
 
@@ -246,7 +277,10 @@ class _Streams:
 
 
 class _Engine:
-    def __init__(self, model, calib, experts, adapter, device, progress, desc):
+    def __init__(self, model, calib, experts, adapter, device, progress, desc, forward_dtype="fp32"):
+        if forward_dtype not in FORWARD_DTYPES:
+            raise EPMQError(f"forward_dtype={forward_dtype!r}: expected one of {sorted(FORWARD_DTYPES)}")
+        self.dtype = FORWARD_DTYPES[forward_dtype]
         self.model = model
         self.adapter = adapter if isinstance(adapter, Adapter) else get_adapter(model, adapter)
         self.device = torch.device(device) if device else _default_device()
@@ -264,7 +298,7 @@ class _Engine:
         model = self.model.eval().to(self.device)
         first = self.blocks[0][1]
         with torch.no_grad():
-            mine = [_capture_block_inputs(model, first, self.adapter, b, self.device) for b in self.calib]
+            mine = [_capture_block_inputs(model, first, self.adapter, b, self.device, self.dtype) for b in self.calib]
             theirs = None
             if self.experts is not None:
                 work = copy.deepcopy(model)
@@ -272,7 +306,7 @@ class _Engine:
                 theirs = []
                 for t, (sd, batches) in enumerate(zip(self.experts, self.calib)):
                     _load_from(work, sd, "", f"expert {t}")
-                    theirs.append(_capture_block_inputs(work, work_first, self.adapter, batches, self.device))
+                    theirs.append(_capture_block_inputs(work, work_first, self.adapter, batches, self.device, self.dtype))
                 self.work = work
         return _Streams(mine, theirs)
 
@@ -283,8 +317,35 @@ class _Engine:
         _link_mha_parents(block)
         return block
 
-    def group_stats(self, idx, sites, streams, t, with_expert) -> dict[str, TaskStats]:
-        """Statistics of one task for one group of sites (shared inputs computed once)."""
+    def expert_pass(self, idx: int, streams: _Streams) -> list[list[dict[str, torch.Tensor]]] | None:
+        """Run every expert's block ``idx`` once: capture the inputs of all its sites and advance
+        ``streams.expert`` to the next block. Expert inputs do not depend on what is quantized, so one pass
+        serves every group of the block. Returns None (and advances nothing) when keeping the captures of
+        the whole block would exceed ``EXPERT_CACHE_MB``; callers then recompute them per group."""
+        sites = None
+        out: list[list[dict[str, torch.Tensor]]] = []
+        nxt: list[list[_Call]] = []
+        total_calls = sum(len(c) for c in streams.expert)
+        for t, calls in enumerate(streams.expert):
+            eb = self.expert_block(idx, t)
+            sites = [s for g in self.adapter.find_linears(eb) for s in g]
+            caps, moved = [], []
+            for call in calls:
+                with _Capture(sites) as cap:
+                    moved.append(call.with_hidden(_run_block(eb, call, self.dtype)))
+                caps.append(cap.inputs)
+                if len(caps) == 1 and t == 0:
+                    per_call = sum(x.numel() * x.element_size() for x in cap.inputs.values())
+                    if per_call * total_calls > EXPERT_CACHE_MB * 2**20:
+                        return None
+            out.append(caps)
+            nxt.append(moved)
+        streams.expert = nxt
+        return out
+
+    def group_stats(self, idx, sites, streams, t, with_expert, expert_inputs=None) -> dict[str, TaskStats]:
+        """Statistics of one task for one group of sites (shared inputs computed once). With ``expert_inputs``
+        (from :meth:`expert_pass`) the expert's inputs are read from there instead of re-running its block."""
         block = self.blocks[idx][1]
         keys = {}
         for s in sites:
@@ -292,17 +353,26 @@ class _Engine:
         stats = {
             k: TaskStats(s.weight.shape[1], with_expert=with_expert, device=self.device) for k, s in keys.items()
         }
-        eblock = self.expert_block(idx, t) if with_expert else None
-        esites = self.adapter.find_linears(eblock) if with_expert else None
-        esites = [s for g in esites for s in g if s.input_key in keys] if with_expert else None
+        esites = None
+        if with_expert and expert_inputs is None:
+            eblock = self.expert_block(idx, t)
+            esites = [s for g in self.adapter.find_linears(eblock) for s in g if s.input_key in keys]
         with torch.no_grad():
             for i, call in enumerate(streams.model[t]):
-                with _Capture(list(keys.values())) as cap:
-                    _run_block(block, call)
+                with _Capture(list(keys.values()), stop=True) as cap:
+                    try:
+                        _run_block(block, call, self.dtype)
+                    except _StopForward:
+                        pass
                 xe = {}
-                if with_expert:
-                    with _Capture(esites) as ecap:
-                        _run_block(eblock, streams.expert[t][i])
+                if with_expert and expert_inputs is not None:
+                    xe = expert_inputs[t][i]
+                elif with_expert:
+                    with _Capture(esites, stop=True) as ecap:
+                        try:
+                            _run_block(eblock, streams.expert[t][i], self.dtype)
+                        except _StopForward:
+                            pass
                     xe = ecap.inputs
                 for k in keys:
                     x = cap.inputs[k]
@@ -311,15 +381,16 @@ class _Engine:
         return stats
 
     def propagate(self, idx, streams, with_expert) -> None:
+        """Advance the model's streams (and, with ``with_expert``, the experts') past block ``idx``."""
         block = self.blocks[idx][1]
         with torch.no_grad():
             for t, calls in enumerate(streams.model):
-                streams.model[t] = [c.with_hidden(_run_block(block, c)) for c in calls]
+                streams.model[t] = [c.with_hidden(_run_block(block, c, self.dtype)) for c in calls]
                 check_finite(streams.model[t][0].hidden, f"hidden state after {self.blocks[idx][0]}")
             if with_expert:
                 for t, calls in enumerate(streams.expert):
                     eb = self.expert_block(idx, t)
-                    streams.expert[t] = [c.with_hidden(_run_block(eb, c)) for c in calls]
+                    streams.expert[t] = [c.with_hidden(_run_block(eb, c, self.dtype)) for c in calls]
 
     def bar(self):
         from tqdm.auto import tqdm
@@ -449,14 +520,15 @@ def quantize_model(
     report = QuantizeReport()
     t_start = time.perf_counter()
     use_experts = spec.target == "epmq" or spec.hessian == "epmq"
-    engine = _Engine(model, calib or [], experts if use_experts else None, adapter, device, progress, cfg.method)
+    engine = _Engine(model, calib or [], experts if use_experts else None, adapter, device, progress, cfg.method,
+                     cfg.forward_dtype)
     if use_experts and engine.experts is None:
         raise EPMQError(f"method {cfg.method!r} needs the experts (one per calibration task)")
     needs_data = spec.hessian is not None or spec.target == "epmq"
     sequential = needs_data and stats is None
     if needs_data and stats is None and cfg.propagation == "fp":
         stats = collect_stats(model, calib, experts if use_experts else None, adapter=engine.adapter, device=device,
-                              progress=progress)
+                              progress=progress, forward_dtype=cfg.forward_dtype)
         sequential = False
     if stats is not None and use_experts:
         n_tasks = {len(v) for v in stats.values()}
@@ -467,11 +539,13 @@ def quantize_model(
     streams = engine.streams() if sequential else None
     for idx in engine.bar():
         prefix, block = engine.blocks[idx]
+        # the experts' inputs of this block, captured once for all groups (None: recompute per group)
+        expert_inputs = engine.expert_pass(idx, streams) if (sequential and use_experts) else None
         for group in engine.adapter.find_linears(block):
             per_task = None
             if sequential:
                 per_task = [
-                    engine.group_stats(idx, group, streams, t, with_expert=use_experts)
+                    engine.group_stats(idx, group, streams, t, with_expert=use_experts, expert_inputs=expert_inputs)
                     for t in range(len(engine.calib))
                 ]
             for site in group:
@@ -492,7 +566,7 @@ def quantize_model(
                     report.biases[prefix + site.bias_name] = bias
                 report.layers.append(log)
         if sequential:
-            engine.propagate(idx, streams, with_expert=use_experts)
+            engine.propagate(idx, streams, with_expert=use_experts and expert_inputs is None)
     report.seconds = time.perf_counter() - t_start
     return report
 
@@ -505,20 +579,22 @@ def collect_stats(
     adapter: Adapter | str | None = None,
     device=None,
     progress: bool = True,
+    forward_dtype: str = "fp32",
 ) -> dict[str, list[TaskStats]]:
     """``fp``-mode statistics of every site (full state-dict name -> one :class:`TaskStats` per task), from
     the full-precision ``model`` and, if given, the experts' own inputs. Independent of the quantizer."""
-    engine = _Engine(model, calib, experts, adapter, device, progress, "collect")
+    engine = _Engine(model, calib, experts, adapter, device, progress, "collect", forward_dtype)
     with_expert = experts is not None
     streams = engine.streams()
     out: dict[str, list[TaskStats]] = {}
     for idx in engine.bar():
         prefix, block = engine.blocks[idx]
         sites = [s for g in engine.adapter.find_linears(block) for s in g]
-        per_task = [engine.group_stats(idx, sites, streams, t, with_expert) for t in range(len(calib))]
+        expert_inputs = engine.expert_pass(idx, streams) if with_expert else None
+        per_task = [engine.group_stats(idx, sites, streams, t, with_expert, expert_inputs) for t in range(len(calib))]
         for s in sites:
             out[prefix + s.name] = [pt[s.input_key] for pt in per_task]
-        engine.propagate(idx, streams, with_expert)
+        engine.propagate(idx, streams, with_expert and expert_inputs is None)
     return out
 
 

@@ -57,11 +57,17 @@ class TaskStats:
         return torch.cat([x, torch.ones(x.shape[0], 1, device=x.device)], dim=1)
 
     def add(self, x: torch.Tensor, x_expert: torch.Tensor | None = None, *, name: str = "inputs") -> None:
-        """Accumulate tokens ``x`` (..., d_in) and, aligned token by token, the expert's ``x_expert``."""
+        """Accumulate tokens ``x`` (..., d_in) and, aligned token by token, the expert's ``x_expert``.
+
+        A NaN/Inf anywhere in ``x`` or ``x_expert`` reaches the diagonal of ``G`` / ``C`` (x_i * x_i), so checking
+        those d + 1 numbers after each batch catches it without a pass over the tokens."""
         if x.shape[-1] != self.d_in:
             raise EPMQError(f"{name}: inputs have d_in={x.shape[-1]}, the layer expects {self.d_in}")
-        xa = self._augment(check_finite(x, name))
+        xa = self._augment(x)
         self.G.addmm_(xa.T, xa)
+        if not bool(torch.isfinite(torch.diagonal(self.G)).all()):
+            check_finite(x, name)  # names the culprit
+            check_finite(torch.diagonal(self.G), name)  # overflow of finite inputs
         if self.C is not None:
             if x_expert is None:
                 raise EPMQError(f"{name}: expert inputs are required for E-PMQ statistics")
@@ -69,8 +75,11 @@ class TaskStats:
                 raise EPMQError(
                     f"{name}: expert inputs {tuple(x_expert.shape)} are not aligned with inputs {tuple(x.shape)}"
                 )
-            xe = self._augment(check_finite(x_expert, f"{name} (expert)"))
+            xe = self._augment(x_expert)
             self.C.addmm_(xe.T, xa)
+            if not bool(torch.isfinite(torch.diagonal(self.C)).all()):
+                check_finite(x_expert, f"{name} (expert)")  # names the culprit
+                check_finite(torch.diagonal(self.C), f"{name} (expert)")
         self.n += xa.shape[0]
 
     @classmethod
