@@ -204,3 +204,29 @@ def test_r_lazyload_entry_types():
         assert decompress_entry(blob) == payload
     with pytest.raises(EPMQError, match="header says"):
         decompress_entry(struct.pack(">I", 1) + b"0" + payload)
+
+
+def test_built_splits_are_cached_and_identical(tmp_path, monkeypatch):
+    """The second load reads the on-disk cache (the loader is not called again) and returns the same splits."""
+    import epmq.data as D
+
+    monkeypatch.setenv("EPMQ_DATA_DIR", str(tmp_path))
+    calls = []
+    real = D.DATASETS["digits"]
+
+    def counting(**kw):
+        calls.append(kw)
+        return real(**kw)
+
+    monkeypatch.setitem(D.DATASETS, "digits", counting)
+    first = load_dataset("digits", seed=0, n_test=300)
+    again = load_dataset("digits", seed=0, n_test=300)
+    other = load_dataset("digits", seed=1, n_test=300)
+    assert len(calls) == 2  # seed 0 once, seed 1 once
+    for s in SPLITS:
+        assert _hashes(again[s]) == _hashes(first[s]) and again[s].features == first[s].features
+    assert _hashes(other["test"]) != _hashes(first["test"])
+    cached = list((tmp_path / "cache").iterdir())
+    assert len(cached) == 2 and not [p for p in cached if p.name.startswith(".")]  # no temp folder left
+    raw = load_dataset("digits", seed=0, cache=False, n_test=300)
+    assert len(calls) == 3 and all(_hashes(raw[s]) == _hashes(first[s]) for s in SPLITS)

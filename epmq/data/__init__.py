@@ -14,6 +14,11 @@ hub data sets the real pipeline uses. Vision tasks hold 28x28 uint8 arrays in ``
     >>> ds["train"].features["label"].names[:3]
     ['T-shirt/top', 'Trouser', 'Pullover']
 
+Built splits are cached (``datasets.save_to_disk``) under ``<data folder>/cache/<name>-<key>``, the key hashing
+the name, seed, size arguments and the source of the loader modules; later calls memory-map the cache instead
+of re-parsing the raw files (the spam e-mails alone take seconds to parse), so every workflow job pays that
+once. ``load_dataset(..., cache=False)`` bypasses it.
+
 ``python -m epmq.data fetch-all`` installs and verifies every data set and prints a size table.
 Importing this package is cheap: ``datasets`` is imported only when a loader builds its splits.
 """
@@ -40,14 +45,55 @@ TEXT = {
 DATASETS = {**VISION, **TEXT}
 
 
-def load_dataset(name: str, seed: int = 0, **kwargs):
+def _cache_key(name: str, seed: int, kwargs: dict) -> str:
+    import hashlib
+    import json
+    from pathlib import Path
+
+    h = hashlib.sha256(json.dumps({"name": name, "seed": seed, "kwargs": kwargs}, sort_keys=True).encode())
+    for f in sorted(Path(__file__).parent.glob("*.py")):  # the loaders' code: a change invalidates the cache
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def load_dataset(name: str, seed: int = 0, *, cache: bool = True, **kwargs):
     """Load embedded data set ``name`` (see :data:`DATASETS`) with a seeded split; ``kwargs`` go to its
-    loader (size caps such as ``max_train`` / ``n_test``)."""
+    loader (size caps such as ``max_train`` / ``n_test``). With ``cache`` the built splits are kept on disk
+    and reused (written atomically; see the module doc)."""
     try:
         loader = DATASETS[name]
     except KeyError:
         raise EPMQError(f"unknown dataset {name!r}: expected one of {sorted(DATASETS)}") from None
-    return loader(seed=seed, **kwargs)
+    if not cache:
+        return loader(seed=seed, **kwargs)
+    import os
+    import shutil
+
+    import datasets
+
+    from epmq.data.install import data_dir
+
+    path = data_dir() / "cache" / f"{name}-{_cache_key(name, seed, kwargs)}"
+    if (path / "dataset_dict.json").is_file():
+        try:
+            return datasets.load_from_disk(str(path))
+        except Exception:  # noqa: BLE001 -- an unreadable cache is rebuilt, never trusted
+            shutil.rmtree(path, ignore_errors=True)
+    ds = loader(seed=seed, **kwargs)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        ds.save_to_disk(str(tmp))
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process cached it first: same content, keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.load_from_disk(str(path))
 
 
 def arrays(split):
