@@ -7,6 +7,7 @@ import importlib
 SUITES: dict[str, str] = {
     "tiny-vit": "epmq.suites.tiny_vit:TinyViTSuite",
     "minilm": "epmq.suites.minilm:MiniLMSuite",
+    "clip": "epmq.suites.clip:ClipSuite",
 }
 
 #: each suite's default task list (the suites' ``DEFAULTS["tasks"]``; a test keeps them equal), readable
@@ -14,6 +15,8 @@ SUITES: dict[str, str] = {
 DEFAULT_TASKS: dict[str, tuple[str, ...]] = {
     "tiny-vit": ("fashion_mnist", "mnist", "digits", "textures"),
     "minilm": ("tweet_sentiment", "spam", "fine_food", "tweet_device"),
+    # the paper's 8 CLIP tasks (epmq.tasks.clip.TASKS_8)
+    "clip": ("sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"),
 }
 
 
