@@ -134,6 +134,14 @@ def provenance() -> dict:
 # ---------------------------------------------------------------------------------------------- build
 
 
+def fetch(spec: dict, out) -> dict:
+    """Download / install (offline: check) what a suite's jobs will read; record it in ``out`` (JSON)."""
+    suite = open_suite(spec)
+    record = {"suite_type": spec["type"], "fetched": suite.prefetch(), "provenance": provenance()}
+    write_json_atomic(out, record)
+    return record
+
+
 def build_base(spec: dict) -> Path:
     """Pretrain / load the base and compute every task's frozen head (so expert jobs only read them)."""
     suite = open_suite(spec)

@@ -43,6 +43,13 @@ class Suite(ABC):
     def expert_path(self, task: str) -> Path:
         """``{cache}/experts/<task>.safetensors``."""
 
+    # -- sources ------------------------------------------------------------------------------------------
+    def prefetch(self) -> dict:
+        """Download / install (or, offline, check) everything later jobs read -- models, data -- and return a
+        JSON-able summary. The workflow runs it as a local rule, so cluster jobs never need internet. Raises
+        one :class:`~epmq.errors.EPMQError` naming what is missing. The default has nothing to fetch."""
+        return {}
+
     # -- models -------------------------------------------------------------------------------------------
     @abstractmethod
     def new_encoder(self):

