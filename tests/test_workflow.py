@@ -18,7 +18,7 @@ from epmq.errors import EPMQError
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-CONFIGS = [ROOT / "config.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
+CONFIGS = [ROOT / "config.yaml", *sorted((ROOT / "configs").rglob("*.yaml"))]
 
 
 def _snakemake(*args, cwd=ROOT, check=True):

@@ -27,6 +27,15 @@ wildcard_constraints:
     model=r"base|experts/[^/]+|merged/[^/]+|quant/[^/]+/[^/]+/w\d+g-?\d+/s\d+",
 
 
+# suites whose evaluation needs an accelerator (the embedded suites evaluate on CPU)
+GPU_EVAL_SUITES = {"clip"}
+
+
+def eval_gpus(wildcards):
+    gpu_suite = GRID.suites[wildcards.suite]["type"] in GPU_EVAL_SUITES
+    return 1 if gpu_suite and DEVICE != "cpu" else 0
+
+
 def spec(wildcards):
     return suite_spec(GRID, wildcards.suite)
 

@@ -11,6 +11,7 @@ rule evaluate:
         "../../envs/epmq.yaml"
     threads: THREADS
     resources:
+        gpu=eval_gpus,
         mem_mb=4000,
     params:
         spec=spec,
