@@ -99,38 +99,52 @@ EXPERT_CACHE_MB = 4096
 
 @dataclass
 class _Call:
-    """One captured block call: positional args and kwargs, hidden state in ``args[0]``."""
+    """One captured block call: positional args and kwargs, hidden state in ``args[0]``; ``tokens`` (B, T) bool
+    marks the real (non-padding) positions, None when all are real."""
 
     args: tuple
     kwargs: dict
+    tokens: torch.Tensor | None = None
 
     @property
     def hidden(self) -> torch.Tensor:
         return self.args[0]
 
     def with_hidden(self, h: torch.Tensor) -> "_Call":
-        return _Call((h, *self.args[1:]), self.kwargs)
+        return _Call((h, *self.args[1:]), self.kwargs, self.tokens)
+
+    def real(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The rows of a captured layer input ``x`` (B, T, d) at real token positions: (N, d)."""
+        if self.tokens is None:
+            return x
+        if tuple(x.shape[:2]) != tuple(self.tokens.shape):
+            raise EPMQError(f"{name}: input of shape {tuple(x.shape)} does not match the batch's token mask "
+                            f"{tuple(self.tokens.shape)} (batch-first (B, T, d) expected)")
+        return x[self.tokens]
 
 
 def _capture_block_inputs(
     model: nn.Module, block: nn.Module, adapter: Adapter, batches, device, dtype: torch.dtype | None = None
 ) -> list[_Call]:
     calls: list[_Call] = []
+    tokens = [None]
 
     def hook(_mod, args, kwargs):
         if not args:  # hidden state passed by keyword
             key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
             kwargs = dict(kwargs)
             args = (kwargs.pop(key),)
-        calls.append(_Call(tuple(args), dict(kwargs)))
+        calls.append(_Call(tuple(args), dict(kwargs), tokens[0]))
         raise _StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
+            batch = _to(batch, device)
+            tokens[0] = adapter.token_mask(batch)
             try:
                 with _autocast(device, dtype):
-                    adapter.run(model, _to(batch, device))
+                    adapter.run(model, batch)
             except _StopForward:
                 pass
     finally:
@@ -333,7 +347,7 @@ class _Engine:
             for call in calls:
                 with _Capture(sites) as cap:
                     moved.append(call.with_hidden(_run_block(eb, call, self.dtype)))
-                caps.append(cap.inputs)
+                caps.append({k: call.real(x, f"expert {t} {k}") for k, x in cap.inputs.items()})
                 if len(caps) == 1 and t == 0:
                     per_call = sum(x.numel() * x.element_size() for x in cap.inputs.values())
                     if per_call * total_calls > EXPERT_CACHE_MB * 2**20:
@@ -368,15 +382,16 @@ class _Engine:
                 if with_expert and expert_inputs is not None:
                     xe = expert_inputs[t][i]
                 elif with_expert:
+                    ecall = streams.expert[t][i]
                     with _Capture(esites, stop=True) as ecap:
                         try:
-                            _run_block(eblock, streams.expert[t][i], self.dtype)
+                            _run_block(eblock, ecall, self.dtype)
                         except _StopForward:
                             pass
-                    xe = ecap.inputs
+                    xe = {k: ecall.real(x, f"expert {t} {k}") for k, x in ecap.inputs.items()}
                 for k in keys:
-                    x = cap.inputs[k]
                     name = f"{self.blocks[idx][0]}{keys[k].name} task {t}"
+                    x = call.real(cap.inputs[k], name)
                     stats[k].add(x, xe.get(k) if with_expert else None, name=name)
         return stats
 

@@ -235,3 +235,24 @@ def test_bf16_forwards_close_to_fp32(setting):
         assert abs(rel["bf16"][layer] - e) <= 0.1 * e + 1e-4, (layer, e, rel["bf16"][layer])
     with pytest.raises(EPMQError, match="forward_dtype='int8'"):
         QuantConfig(forward_dtype="int8")
+
+
+def test_padding_positions_do_not_enter_the_statistics():
+    """Text batches carry padding; the statistics use real tokens only, so changing what sits at the padded
+    positions changes nothing (before masking, the pads' hidden states entered every Gram matrix)."""
+    base = _bert()
+    experts = [_perturbed(base, 0.3, seed=10 + t) for t in range(T)]
+    merged = _task_arithmetic(base, experts, 0.3)
+    calib = _text_tasks(seed=0)
+    g = torch.Generator().manual_seed(5)
+    other = [[{"input_ids": torch.where(b["attention_mask"].bool(), b["input_ids"],
+                                        torch.randint(0, 100, b["input_ids"].shape, generator=g)),
+               "attention_mask": b["attention_mask"]} for b in task] for task in calib]
+    out = []
+    for batches in (calib, other):
+        model = copy.deepcopy(merged)
+        out.append(quantize_model(model, batches, QuantConfig(method="epmq", bits=3), experts=experts, progress=False))
+    for k in out[0].results:
+        assert (out[0].results[k].codes == out[1].results[k].codes).float().mean() >= 0.999, k
+    for a, b in zip(out[0].layers, out[1].layers):
+        assert a["rel_err_merged"] == pytest.approx(b["rel_err_merged"], rel=1e-4), a["layer"]

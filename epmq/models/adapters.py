@@ -72,6 +72,9 @@ class Adapter:
     groups: Callable[[nn.Module], list[list[Site]]]
     run: Callable[[nn.Module, object], object]
     matches: Callable[[nn.Module], bool]
+    #: which token positions of a batch are real (B, T) bool, or None when every position is (images); padded
+    #: positions are left out of the calibration statistics
+    token_mask: Callable[[object], object] = lambda batch: None
 
     def find_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         for path in self.block_paths:
@@ -165,12 +168,18 @@ def _run_hf_text(model: nn.Module, batch):
     return model(**batch)
 
 
+def _text_token_mask(batch):
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    return None if mask is None else mask.bool()
+
+
 HF_BERT = Adapter(
     "hf_bert",
     ("bert.encoder.layer", "encoder.layer"),
     _bert_groups,
     _run_hf_text,
     lambda m: (_has(m, "bert.encoder.layer") or _has(m, "encoder.layer")) and "Bert" in type(m).__name__,
+    _text_token_mask,
 )
 
 ADAPTERS: dict[str, Adapter] = {a.name: a for a in (OPENCLIP_VIT, HF_CLIP_VISION, HF_BERT)}

@@ -543,6 +543,9 @@ class MiniLMSuite(Suite):
             raise EPMQError(f"n={n!r}: expected 1..{len(ids)} calibration examples for {task}")
         rng = np.random.default_rng([seed, TASKS.index(task), 2])
         idx = torch.from_numpy(np.sort(rng.choice(len(ids), size=n, replace=False)))
+        # batched by length (stable sort: deterministic) so little compute goes to padding; padded positions
+        # never enter the statistics anyway (the hf_bert adapter's token mask)
+        idx = idx[torch.sort(mask[idx].sum(1), stable=True).indices]
         return list(self._batches(ids[idx], mask[idx], batch_size))
 
     @torch.no_grad()
