@@ -263,10 +263,14 @@ def load_calibration(path, tasks) -> list[list]:
 
 
 def quantize(spec: dict, merged, calib, qcfg: dict, out, *, seed: int | None = None, n_calib: int | None = None,
-             device: str = "auto", packed=None) -> dict:
-    """Quantize the merged encoder with ``qcfg`` (QuantConfig fields); write fake-quant weights + a record.
-    With ``packed`` (a folder), also write the deployable packed low-bit checkpoint
-    (:func:`epmq.quant.packed.save_quantized`; reload with ``load_quantized``)."""
+             device: str = "auto", packed=None, save_weights: bool = True, evaluate_to=None,
+             suite_id: str | None = None, model_id: str | None = None) -> dict:
+    """Quantize the merged encoder with ``qcfg`` (QuantConfig fields); write a record (``out`` with suffix
+    ``.json``) and, with ``save_weights``, the fake-quant weights (``out``). With ``packed`` (a folder), also
+    write the deployable packed low-bit checkpoint (:func:`epmq.quant.packed.save_quantized`; reload with
+    ``load_quantized``). With ``evaluate_to`` (a path), also evaluate the quantized encoder in this process and
+    write its run record there (as :func:`evaluate` would, given ``suite_id`` and ``model_id``): the workflow
+    does this, which spares a process start, a weights file and its reload per quantized model."""
     import torch
 
     from epmq.calibrate import QuantConfig, quantize_model
@@ -301,7 +305,12 @@ def quantize(spec: dict, merged, calib, qcfg: dict, out, *, seed: int | None = N
         "quantized": sorted(rep.results),
     }
     out = Path(out)
-    save_safetensors_atomic(out, sd)
+    if save_weights:
+        save_safetensors_atomic(out, sd)
+    if evaluate_to is not None:
+        if suite_id is None or model_id is None:
+            raise EPMQError("quantize(evaluate_to=...): suite_id and model_id are required")
+        _evaluate_encoder(spec, suite, suite_id, model_id, model.to("cpu").eval(), record, evaluate_to)
     write_json_atomic(out.with_suffix(".json"), record)
     if packed is not None:
         from epmq.quant.packed import save_quantized
@@ -333,14 +342,21 @@ def parse_model_id(model: str) -> dict:
 
 def evaluate(spec: dict, suite_id: str, model: str, weights, out, *, split: str = "test") -> dict:
     """Test accuracy of every task for one encoder; writes the run record the leaderboard reads."""
+    kind = parse_model_id(model)
+    suite = open_suite(spec)
+    side = _read_json(Path(weights).with_suffix(".json")) if kind["model"] in ("merged", "quantized") else {}
+    return _evaluate_encoder(spec, suite, suite_id, model, suite.load_encoder(weights), side, out, split=split)
+
+
+def _evaluate_encoder(spec: dict, suite, suite_id: str, model: str, encoder, side: dict, out, *,
+                      split: str = "test") -> dict:
+    """Evaluate ``encoder`` (model id ``model``; ``side`` = its merge / quantize record) and write the run record."""
     from epmq.config import fmt_value
 
     kind = parse_model_id(model)
-    suite = open_suite(spec)
     t0 = time.perf_counter()
-    recs = suite.evaluate_all(suite.load_encoder(weights), split=split)
+    recs = suite.evaluate_all(encoder, split=split)
     recs = recs.get("tasks", recs)
-    side = _read_json(Path(weights).with_suffix(".json")) if kind["model"] in ("merged", "quantized") else {}
     variant = {}
     if kind["model"] == "quantized":
         _, _, rest = kind["quantizer"].partition(".")

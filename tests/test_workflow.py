@@ -56,7 +56,8 @@ def test_dry_run_of_every_shipped_config(config, tmp_path):
     grid = epmq.config.expand(_load(config))
     # every quantized run of the grid is a quantize job, every model an evaluate job
     assert f"quantize{' ' * 8}{len(grid.runs)}" in out or f"quantize {len(grid.runs)}" in " ".join(out.split())
-    n_eval = sum(len(grid.eval_targets(s)) for s in grid.suites)
+    # base / experts / merged models are evaluate jobs; quantized models are evaluated by their quantize job
+    n_eval = sum(len(grid.eval_targets(s)) for s in grid.suites) - len(grid.runs)
     assert f"evaluate {n_eval}" in " ".join(out.split())
 
 
@@ -222,8 +223,9 @@ def test_dag_leaderboard_matches_run_records(tiny_run):
     assert (rep / "leaderboard.html").read_text().count("<table") >= 1
     figures = sorted(p.name for p in (rep / "figures").iterdir() if not p.name.startswith("."))
     assert figures == ["accuracy_vs_bits_tiny-vit.svg", "anchor_sweep_tiny-vit.svg", "heatmap_tiny-vit.svg"]
-    # fake-quant weights are temporary; the records stay
+    # quantized models are evaluated inside their quantize job: no weights file is written; the records stay
     assert not list((res / "tiny-vit" / "quant").rglob("*.safetensors"))
+    assert len(list((res / "tiny-vit" / "quant").rglob("*.json"))) == len(grid.runs)
 
 
 def test_dag_second_run_has_nothing_to_do(tiny_run):
@@ -239,7 +241,7 @@ def test_dag_changing_one_knob_reruns_only_its_branch(tiny_run):
     out = " ".join((r.stdout + r.stderr).split())
     # the 2 default-variant E-PMQ and 2 unrounded-target runs (they read lam_w); not RTN, GPTQ, the sweep point
     # (its own lam_w) or anything upstream
-    assert "quantize 4" in out and "evaluate 4" in out and "report 1" in out, out
+    assert "quantize 4" in out and "evaluate" not in out and "report 1" in out, out
     for rule in ("base", "expert", "merge", "calibrate"):
         assert f" {rule} " not in out.replace("Job stats", ""), out
 
@@ -254,8 +256,8 @@ def test_dag_resumes_after_a_failure_without_recomputing(tiny_run):
     shutil.rmtree(tiny_run / "reports-tiny")
     r = _snakemake("--cores", "2", "--configfile", "tiny.yaml", "-n", "--quiet", "rules", cwd=tiny_run)
     out = " ".join((r.stdout + r.stderr).split())
-    # the temporary fake-quant weights are recomputed for it, nothing else
-    assert "quantize 1" in out and "evaluate 1" in out and "report 1" in out and "merge" not in out, out
+    # its quantize job (which evaluates) runs again, nothing else upstream
+    assert "quantize 1" in out and "evaluate" not in out and "report 1" in out and "merge" not in out, out
     _snakemake("--cores", "2", "--configfile", "tiny.yaml", cwd=tiny_run)
     assert victim.is_file()
     assert {p: p.stat().st_mtime_ns for p in keep} == keep

@@ -24,7 +24,7 @@ wildcard_constraints:
     group=r"-?\d+",
     seed=r"\d+",
     n=r"\d+",
-    model=r"base|experts/[^/]+|merged/[^/]+|quant/[^/]+/[^/]+/w\d+g-?\d+/s\d+",
+    model=r"base|experts/[^/]+|merged/[^/]+",  # quantized models: evaluated by their quantize job
 
 
 # suites whose evaluation needs an accelerator (the embedded suites evaluate on CPU)

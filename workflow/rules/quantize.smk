@@ -2,10 +2,10 @@ rule quantize:
     input:
         unpack(quantize_inputs),
     output:
-        model=temp(
-            f"{R}/{{suite}}/quant/{{merge}}/{{quantizer}}/w{{bits}}g{{group}}/s{{seed}}.safetensors"
-        ),
         record=f"{R}/{{suite}}/quant/{{merge}}/{{quantizer}}/w{{bits}}g{{group}}/s{{seed}}.json",
+        # the quantized model is evaluated in the same job (no weights file written and re-read, no second
+        # process start per model); `epmq quantize --out/--packed` writes weights for deployment
+        eval=f"{R}/{{suite}}/eval/quant/{{merge}}/{{quantizer}}/w{{bits}}g{{group}}/s{{seed}}.json",
     log:
         "logs/quantize/{suite}/{merge}/{quantizer}/w{bits}g{group}/s{seed}.log",
     benchmark:
