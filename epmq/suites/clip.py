@@ -897,11 +897,11 @@ class ClipSuite(Suite):
         split into the HF caches, so that later jobs need no internet. Raises ONE :class:`EPMQError` listing
         everything missing. ``preprocess`` (default: the workflow's fetch rule does it, so parallel jobs never
         race to write the same cache) also writes the ``data/`` caches."""
-        from epmq.models.sources import missing, resolve
+        from epmq.models.sources import is_hub_id, missing, resolve
 
         problems, models = [], self.model_sources()
-        if hub_offline():
-            problems += [f"model {s}" for s in missing(models)]
+        if hub_offline():  # a local path that does not exist is named as such (no download could bring it)
+            problems += [f"model {s}" + ("" if is_hub_id(s) else " (no such local path)") for s in missing(models)]
         else:
             for s in dict.fromkeys(models):
                 try:
