@@ -143,8 +143,11 @@ def cmd_report(args):
         raise EPMQError(f"{len(missing)} eval records missing, e.g. {missing[0]} (run the grid, or --partial)")
     evals = [e for e in evals if Path(e).is_file()]
     benches = [b for b in grid.quant_benchmarks() if Path(b).is_file()]
+    # quoted numbers of the suites that have records (with --partial a suite may have none yet)
+    present = {Path(e).relative_to(grid.config["results"]).parts[0] for e in evals}
+    anchors = {s: grid.quoted(s) for s in grid.anchors if s in present}
     paths = pipeline.report(evals, args.out or grid.config["reports"], benchmarks=benches,
-                            meta=pipeline.run_meta(grid))
+                            meta=pipeline.run_meta(grid), anchors=anchors)
     for p in paths.values():
         print(p)
 

@@ -84,10 +84,16 @@ class Grid:
     suites: dict[str, dict] = field(default_factory=dict)  # id -> {"type", "options", "tasks", "seed"}
     merges: dict[str, dict] = field(default_factory=dict)  # id -> {"method", "params", "select"}
     runs: list[QuantRun] = field(default_factory=list)
+    #: suite id -> numbers quoted from the literature (checked, in table order): shown beside ours, never averaged
+    anchors: dict[str, list[dict]] = field(default_factory=dict)
 
     # -- what the rules ask ---------------------------------------------------------------------------------
     def tasks(self, suite: str) -> list[str]:
         return list(self.suites[suite]["tasks"])
+
+    def quoted(self, suite: str) -> list[dict]:
+        """The quoted reference numbers of ``suite`` (``anchors:``; empty when it has none)."""
+        return list(self.anchors.get(suite, []))
 
     def quantizer(self, quantizer_id: str) -> tuple[str, dict]:
         """(method, variant overrides) of a quantizer id."""
@@ -160,6 +166,10 @@ def expand(config: dict) -> Grid:
         grid.suites[sid] = {"type": kind, "options": options, "tasks": tasks, "seed": int(s.get("seed", 0))}
     if not grid.suites:
         raise EPMQError("config: suites: is empty")
+    from epmq.report.anchors import normalize_anchors  # cheap: no matplotlib, no torch
+
+    check_anchor_suites(config, grid.suites)
+    grid.anchors = normalize_anchors(config.get("anchors") or {}, "anchors")
 
     for mid, m in config["merges"].items():
         _check_id("merge", mid)
@@ -242,6 +252,16 @@ def expand(config: dict) -> Grid:
     return grid
 
 
+def check_anchor_suites(config: dict, suites) -> None:
+    """Every key of ``anchors:`` must be a suite id of ``suites:`` (one-line error naming the key)."""
+    anchors = config.get("anchors") or {}
+    if not isinstance(anchors, dict):
+        raise EPMQError(f"anchors: expected a mapping suite id -> list of quoted numbers, got {anchors!r}")
+    for sid in anchors:
+        if sid not in suites:
+            raise EPMQError(f"anchors.{sid}: suite {sid!r} is not a key of suites: ({sorted(suites)})")
+
+
 def load(path: str | Path) -> Grid:
     """Read, schema-validate (with defaults) and expand a config file (the CLI's entry; Snakemake validates
     with its own ``validate`` and calls :func:`expand`)."""
@@ -284,3 +304,4 @@ def validate(config: dict) -> None:
     if err is not None:
         where = ".".join(str(p) for p in err.absolute_path) or "<top>"
         raise EPMQError(f"config {where}: {err.message}")
+    check_anchor_suites(config, config["suites"])  # a cross reference the schema cannot express

@@ -382,10 +382,11 @@ def _evaluate_encoder(spec: dict, suite, suite_id: str, model: str, encoder, sid
 # ---------------------------------------------------------------------------------------------- report
 
 
-def report(eval_paths, out_dir, *, benchmarks=(), meta: dict | None = None) -> dict:
+def report(eval_paths, out_dir, *, benchmarks=(), meta: dict | None = None, anchors: dict | None = None) -> dict:
     """The leaderboard from the run records. Each quantized run's cost is joined with its quantize job's
     benchmark file when ``benchmarks`` has it (``.../quantize/<suite>/<run>.tsv`` for
-    ``.../<suite>/eval/quant/<run>.json``)."""
+    ``.../<suite>/eval/quant/<run>.json``). ``anchors`` (the config's ``anchors:``): numbers quoted from the
+    literature, shown beside ours and never averaged with them (None / ``{}``: none)."""
     from epmq.report import build_leaderboard, load_runs
 
     by_run = {}
@@ -399,7 +400,7 @@ def report(eval_paths, out_dir, *, benchmarks=(), meta: dict | None = None) -> d
         parts = p.with_suffix("").parts
         key = (parts[parts.index("eval") - 1], *parts[parts.index("eval") + 2:]) if "quant" in parts else None
         benches.append(by_run.get(key) if key else None)
-    return build_leaderboard(load_runs(eval_paths, benches), out_dir, meta=meta)
+    return build_leaderboard(load_runs(eval_paths, benches), out_dir, meta=meta, anchors=anchors)
 
 
 def run_meta(grid) -> dict:

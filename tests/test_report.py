@@ -499,3 +499,199 @@ def test_import_is_cheap():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------------- quoted numbers
+
+QUOTED = "Quoted from the literature (not reproduced here)"
+FB = "FusionBench (Tang et al., 2024), CLIP ViT-B/32, 8 tasks"
+ANCHORS = {
+    SUITE: [  # deliberately not in table order
+        # higher than every quantized row of its block: it must not take the † mark (nor change Δ)
+        {
+            "label": "E-PMQ paper",
+            "source": "arXiv 2605.16882",
+            "model": "quantized",
+            "merge": "ties",
+            "method": "gptq",
+            "bits": 4,
+            "value": 99.9,
+        },
+        {
+            "label": "FusionBench",
+            "source": FB,
+            "model": "merged",
+            "merge": "task_arithmetic",
+            "value": 68.0,
+            "tasks": {"svhn": 55.5, "mnist": 80.5},
+        },
+        {"label": "FusionBench", "source": FB, "model": "base", "value": 48.2},
+    ]
+}
+OLD_CSV_COLUMNS = [
+    "suite", "model", "expert_task", "merge", "merge_params", "method", "bits", "group_size", "variant", "seed",
+    "n_calib", "split", "task", "metric", "value", "stderr", "n", "correct", "quantize_seconds", "peak_rss_mb",
+    "gpu_mb", "quant_params", "epmq_version", "torch_version", "git_sha",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quoted(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quoted")
+    out = build_leaderboard(data["loaded"], root / "out", meta=data["meta"], anchors=json.loads(json.dumps(ANCHORS)))
+    return {"out": out, "md": out["md"].read_text(encoding="utf-8"), "html": out["html"].read_text(encoding="utf-8")}
+
+
+def _tables(page: str) -> list[str]:
+    return re.findall(r"<table[^>]*>.*?</table>", page, flags=re.S)
+
+
+def test_quoted_numbers_shown_labelled_with_their_source(quoted):
+    md = quoted["md"]
+    rows = md_section(md, SUITE, QUOTED)
+    assert rows[0] == ["Quoted from", "What", "Avg", "mnist", "svhn", "Source"]
+    assert rows[2:] == [  # base < merged < quantized, as our own rows; per-task values only where quoted
+        ["FusionBench", "Base (zero-shot)", "48.2", "–", "–", FB],
+        ["FusionBench", "FP Task Arithmetic", "68.0", "80.5", "55.5", FB],
+        ["E-PMQ paper", "GPTQ 4-bit on TIES", "99.9", "–", "–", "arXiv 2605.16882"],
+    ]
+    suite_md = md.split(f"\n## {SUITE}\n", 1)[1]
+    assert suite_md.index("### Leaderboard") < suite_md.index(f"### {QUOTED}") < suite_md.index("### Hyperparameter")
+    assert "not produced by this workflow" in suite_md.split(f"### {QUOTED}", 1)[1].split("|", 1)[0]
+    assert "**Quoted numbers**" in md.split("\n## ", 2)[1]  # explained in the methodology header
+    assert QUOTED not in md.split("\n## minilm/v2\n", 1)[1].split("\n## ", 1)[0]  # a suite without anchors
+    assert "99.9" not in md.split(f"### {QUOTED}")[0] and "**99.9" not in md  # never bold, never in our table
+    page = quoted["html"]
+    (qt,) = [t for t in _tables(page) if t.startswith('<table class="quoted">')]
+    assert f"<h3>{QUOTED}</h3>" in page and "table.quoted td{" in page
+    assert "<td>E-PMQ paper</td><td>GPTQ 4-bit on TIES</td>" in qt and f"<td>{FB}</td>" in qt
+    assert "<strong>" not in qt and 'class="mark"' not in qt
+    rows = list(csv.DictReader(quoted["out"]["csv"].open()))
+    assert list(rows[0]) == [*OLD_CSV_COLUMNS, "origin", "quoted_label", "quoted_source"]
+    q = [r for r in rows if r["origin"] == "quoted"]
+    assert rows[len(rows) - len(q) :] == q  # after our rows of that suite (the last suite)
+    assert [(r["quoted_label"], r["model"], r["merge"], r["method"], r["bits"], r["task"], r["metric"], r["value"])
+            for r in q] == [
+        ("FusionBench", "base", "", "", "", "", "mean_accuracy", "48.2000"),
+        ("FusionBench", "merged", "task_arithmetic", "", "", "", "mean_accuracy", "68.0000"),
+        ("FusionBench", "merged", "task_arithmetic", "", "", "mnist", "accuracy", "80.5000"),
+        ("FusionBench", "merged", "task_arithmetic", "", "", "svhn", "accuracy", "55.5000"),
+        ("E-PMQ paper", "quantized", "ties", "gptq", "4", "", "mean_accuracy", "99.9000"),
+    ]  # fmt: skip
+    assert all(r["suite"] == SUITE and r["quoted_source"] in (FB, "arXiv 2605.16882") for r in q)
+    assert all(r[k] == "" for r in q for k in ("seed", "n", "stderr", "n_calib", "git_sha", "merge_params"))
+    assert {r["origin"] for r in rows if r not in q} == {"ours"}
+
+
+def test_quoted_numbers_change_none_of_ours(data, quoted):
+    for suite, tables in ((SUITE, ("Leaderboard", "Hyperparameter sweeps", "Cost")), ("minilm/v2", ("Leaderboard",))):
+        for table in tables:
+            assert md_section(quoted["md"], suite, table) == md_section(data["md"], suite, table), (suite, table)
+    rows = md_section(quoted["md"], SUITE, "Leaderboard")
+    assert find_row(rows, "GPTQ", "TIES", "4")["Avg"].endswith("†")  # the quoted 99.9 took nothing away
+    assert sum(r[-2].endswith("†") for r in rows[2:]) == 4
+    assert find_row(rows, "E-PMQ", "TIES", "4")["Δ(E-PMQ − GPTQ)"].startswith("−")
+    before = data["out"]["html"].read_text(encoding="utf-8")
+    assert [t for t in _tables(quoted["html"]) if 'class="quoted"' not in t] == _tables(before)
+    for key, path in data["out"].items():
+        if key.startswith("figures/"):
+            assert quoted["out"][key].read_bytes() == path.read_bytes(), key
+    ours = [r for r in csv.DictReader(quoted["out"]["csv"].open()) if r["origin"] == "ours"]
+    assert ours == list(csv.DictReader(data["out"]["csv"].open()))
+
+
+def test_no_anchors_output_unchanged_but_for_the_origin_columns(data, tmp_path):
+    for i, anchors in enumerate((None, {}, {SUITE: []})):
+        again = build_leaderboard(data["loaded"], tmp_path / str(i), meta=data["meta"], anchors=anchors)
+        assert set(again) == set(data["out"])
+        for key, path in data["out"].items():
+            assert again[key].read_bytes() == path.read_bytes(), (anchors, key)
+    text = data["out"]["csv"].read_text(encoding="utf-8")
+    assert "Quoted" not in data["md"] and "quoted" not in data["out"]["html"].read_text(encoding="utf-8")
+    # the only CSV change: three trailing columns, `ours` and two empty cells on every row
+    header, *lines = text.splitlines()
+    assert header == ",".join([*OLD_CSV_COLUMNS, "origin", "quoted_label", "quoted_source"])
+    assert lines and all(ln.endswith(",ours,,") for ln in lines)
+
+
+@pytest.mark.parametrize("anchor, message", [
+    ({"label": "X", "model": "base", "value": 40.0}, r"anchors\.tiny-vit\[0\]: missing key 'source'"),
+    ({"label": "X", "source": "s", "model": "base"}, r"anchors\.tiny-vit\[0\]: missing key 'value'"),
+    ({"label": "X", "source": "s", "model": "base", "value": 140}, r"anchors\.tiny-vit\[0\]\.value=140"),
+    ({"label": "X", "source": "s", "model": "quantized", "merge": "ties", "method": "gptq", "value": 1.0},
+     r"anchors\.tiny-vit\[0\]: model='quantized' needs bits"),
+    ({"label": "X", "source": "s", "model": "base", "bits": 4, "value": 1.0}, r"bits=4 on a model='base' anchor"),
+    ({"label": "X", "source": "s", "model": "base", "value": 1.0, "note": "?"}, r"unknown key 'note'"),
+])  # fmt: skip
+def test_build_leaderboard_rejects_bad_anchors_in_one_line(data, tmp_path, anchor, message):
+    with pytest.raises(EPMQError, match=message) as err:
+        build_leaderboard(data["loaded"], tmp_path / "out", anchors={SUITE: [anchor]}, figures=False)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+def test_build_leaderboard_rejects_anchors_of_a_suite_without_runs(data, tmp_path):
+    with pytest.raises(EPMQError, match=r"^anchors\.vit-b32: no runs of suite 'vit-b32'") as err:
+        build_leaderboard(data["loaded"], tmp_path / "out", anchors={"vit-b32": ANCHORS[SUITE]}, figures=False)
+    assert "\n" not in str(err.value)
+
+
+def _tiny_config() -> dict:
+    import yaml
+
+    return yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml").read_text())
+
+
+@pytest.mark.parametrize("drop, message", [
+    ("source", r"^config anchors\.tiny-vit\.0: 'source' is a required property$"),
+    ("value", r"^config anchors\.tiny-vit\.0: 'value' is a required property$"),
+])  # fmt: skip
+def test_config_schema_rejects_an_anchor_without_source_or_value(drop, message):
+    import epmq.config
+
+    cfg = _tiny_config()
+    anchor = {"label": "FusionBench", "source": FB, "model": "base", "value": 48.2}
+    cfg["anchors"] = {"tiny-vit": [{k: v for k, v in anchor.items() if k != drop}]}
+    with pytest.raises(EPMQError, match=message):
+        epmq.config.validate(cfg)
+
+
+def test_config_rejects_anchors_of_an_unknown_suite_in_one_line():
+    import epmq.config
+
+    cfg = _tiny_config()
+    cfg["anchors"] = {"vit-b32": [{"label": "FusionBench", "source": FB, "model": "base", "value": 48.2}]}
+    message = r"^anchors\.vit-b32: suite 'vit-b32' is not a key of suites: \(\['tiny-vit'\]\)$"
+    with pytest.raises(EPMQError, match=message):
+        epmq.config.validate(json.loads(json.dumps(cfg)))
+    with pytest.raises(EPMQError, match=message):  # expand checks it too (a config not run through validate)
+        epmq.config.expand({**cfg, "calibration": {"seeds": [0], "n_per_task": 8, "batch_size": 8}})
+
+
+def test_config_anchors_default_and_paper_configs():
+    import epmq.config
+
+    cfg = _tiny_config()
+    epmq.config.validate(cfg)
+    assert cfg["anchors"] == {} and epmq.config.expand(cfg).quoted("tiny-vit") == []
+    paper = Path(__file__).resolve().parent.parent / "configs" / "paper"
+    b32 = epmq.config.load(paper / "vit-b32-8tasks.yaml").quoted("vit-b32")
+    assert [(a["label"], a["model"], a["merge"], a["method"], a["bits"], a["value"]) for a in b32] == [
+        ("FusionBench", "base", None, None, None, 48.2),
+        ("FusionBench", "expert", None, None, None, 90.3),
+        ("FusionBench", "merged", "task_arithmetic", None, None, 68.0),
+        ("FusionBench", "merged", "ties", None, None, 72.2),
+        ("E-PMQ paper", "quantized", "task_arithmetic", "gptq", 4, 65.0),
+        ("E-PMQ paper", "quantized", "task_arithmetic", "epmq", 4, 73.6),
+    ]
+    l14 = epmq.config.load(paper / "vit-l14-20tasks.yaml").quoted("vit-l14")
+    assert [a["value"] for a in l14] == [64.6, 94.3, 80.7, 84.0]
+    assert all("8-task" in a["label"] for a in l14)  # 8-task numbers beside a 20-task run: the label says so
+
+
+def test_pipeline_report_passes_anchors(data, quoted, tmp_path):
+    from epmq.pipeline import report
+
+    out = report(data["paths"], tmp_path / "out", meta=data["meta"], anchors=ANCHORS)
+    for key in ("csv", "md", "html"):
+        assert out[key].read_bytes() == quoted["out"][key].read_bytes(), key

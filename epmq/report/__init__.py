@@ -4,7 +4,9 @@ TSVs of the quantize jobs).
 * :func:`load_runs` reads and checks the run JSONs (schema 1), merging in benchmark cost;
 * :func:`build_leaderboard` writes ``leaderboard.csv`` (tidy, one row per run × task × metric),
   ``leaderboard.md`` (methodology header + GPTQ-README-style pivot per suite, sweeps, cost),
-  ``leaderboard.html`` (the same, self-contained, figures inlined) and ``figures/*.svg``.
+  ``leaderboard.html`` (the same, self-contained, figures inlined) and ``figures/*.svg``; numbers quoted from
+  the literature (``anchors``, :mod:`epmq.report.anchors`) get their own table per suite and CSV rows with
+  ``origin`` = ``quoted``, and never enter an average, a mark, a Δ or a figure.
 
 Everything is deterministic (stable sorts, fixed number formats, salted SVG ids, no dates) so regenerating
 gives byte-identical files and a diff of the leaderboard is reviewable. Every file is written atomically.
@@ -24,16 +26,25 @@ __all__ = ["METHOD_NAMES", "MERGE_NAMES", "build_leaderboard", "load_runs", "rea
 
 
 def build_leaderboard(
-    runs: Iterable[dict], out_dir: str | Path, *, meta: dict | None = None, figures: bool = True
+    runs: Iterable[dict],
+    out_dir: str | Path,
+    *,
+    meta: dict | None = None,
+    figures: bool = True,
+    anchors: dict | None = None,
 ) -> dict[str, Path]:
     """Write the leaderboard of ``runs`` (from :func:`load_runs`, or run dicts of schema 1) into ``out_dir``.
 
     ``meta`` feeds the methodology header (e.g. ``calibration``, ``seeds``, ``versions``, ``git_sha``,
     ``config``, ``command``, optional ``title``; other keys are listed as they are).
+    ``anchors`` (the config's ``anchors:``, suite -> list of ``{label, source, model, merge, method, bits, value,
+    tasks}``) are numbers quoted from the literature: shown per suite in their own table and as CSV rows with
+    ``origin`` = ``quoted``, never in an Avg, mark, Δ or figure. None or ``{}``: the output has no trace of them.
     Returns ``{"csv": …, "md": …, "html": …, "figures/<name>.svg": …}`` (absolute-or-as-given paths).
     """
     from epmq.report._io import write_text_atomic
     from epmq.report.aggregate import collect
+    from epmq.report.anchors import normalize_anchors
     from epmq.report.render import csv_text, html_page, markdown
 
     runs = [
@@ -45,6 +56,11 @@ def build_leaderboard(
     if meta is not None and not isinstance(meta, dict):
         raise EPMQError(f"build_leaderboard: meta={meta!r}: expected a dict")
     check_unique(runs)
+    anchors = normalize_anchors(anchors)
+    run_suites = sorted({r["suite"] for r in runs})
+    for suite in anchors:
+        if suite not in run_suites:
+            raise EPMQError(f"anchors.{suite}: no runs of suite {suite!r} in this report (suites: {run_suites})")
     suites = collect(runs)
 
     out_dir = Path(out_dir)
@@ -63,11 +79,11 @@ def build_leaderboard(
             figs[sd.suite] = [(caption, f"figures/{fname}", svg) for fname, caption, svg in suite_figures(sd)]
 
     written: dict[str, Path] = {}
-    written["csv"] = write_text_atomic(out_dir / "leaderboard.csv", csv_text(runs))
+    written["csv"] = write_text_atomic(out_dir / "leaderboard.csv", csv_text(runs, anchors))
     for suite_figs in figs.values():
         for _, rel, svg in suite_figs:
             written[rel] = write_text_atomic(out_dir / rel, svg)
     md_figs = {s: [(caption, rel) for caption, rel, _ in f] for s, f in figs.items()}
-    written["md"] = write_text_atomic(out_dir / "leaderboard.md", markdown(suites, runs, meta, md_figs))
-    written["html"] = write_text_atomic(out_dir / "leaderboard.html", html_page(suites, runs, meta, figs))
+    written["md"] = write_text_atomic(out_dir / "leaderboard.md", markdown(suites, runs, meta, md_figs, anchors))
+    written["html"] = write_text_atomic(out_dir / "leaderboard.html", html_page(suites, runs, meta, figs, anchors))
     return written

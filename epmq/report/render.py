@@ -8,6 +8,7 @@ import io
 import re
 
 from epmq.report.aggregate import SuiteData, run_sort_key
+from epmq.report.anchors import QUOTED_HEADING, quoted_csv_rows, quoted_table
 from epmq.report.names import compact_json, variant_str
 from epmq.report.tables import (
     Table,
@@ -46,6 +47,9 @@ CSV_COLUMNS = [
     "epmq_version",
     "torch_version",
     "git_sha",
+    "origin",  # "ours" (a run record of this workflow) or "quoted" (copied from the literature: never aggregated)
+    "quoted_label",
+    "quoted_source",
 ]
 _FLOAT_FMT = {"value": ".4f", "stderr": ".4f", "quantize_seconds": ".3f", "peak_rss_mb": ".1f", "gpu_mb": ".1f"}
 DEFAULT_TITLE = "E-PMQ leaderboard"
@@ -93,17 +97,23 @@ def csv_rows(runs: list[dict]) -> list[dict]:
                     "epmq_version": prov.get("epmq"),
                     "torch_version": prov.get("torch"),
                     "git_sha": prov.get("git_sha"),
+                    "origin": "ours",
+                    "quoted_label": None,
+                    "quoted_source": None,
                 }
             )
     return rows
 
 
-def csv_text(runs: list[dict]) -> str:
+def csv_text(runs: list[dict], anchors: dict | None = None) -> str:
+    """Our rows, then per suite the quoted ones (``origin`` = ``quoted``; columns they lack are empty)."""
+    rows = csv_rows(runs) + quoted_csv_rows(anchors or {})
+    rows.sort(key=lambda row: row["suite"])  # stable: ours first within a suite, each part in its own order
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
-    for row in csv_rows(runs):
-        w.writerow([_csv_value(c, row[c]) for c in CSV_COLUMNS])
+    for row in rows:
+        w.writerow([_csv_value(c, row.get(c)) for c in CSV_COLUMNS])
     return buf.getvalue()
 
 
@@ -132,8 +142,10 @@ def md_table(t: Table) -> str:
     return "\n".join(lines)
 
 
-def _suite_tables(sd: SuiteData) -> list[tuple]:
+def _suite_tables(sd: SuiteData, quoted: list | None = None) -> list[tuple]:
     out = [("Leaderboard", pivot_table(sd))]
+    if quoted:
+        out.append((QUOTED_HEADING, quoted_table(quoted)))
     sweep = sweep_table(sd)
     if sweep is not None:
         out.append(("Hyperparameter sweeps", sweep))
@@ -148,20 +160,27 @@ _SECTION_NOTES = {
     "setting and GPTQ in the same block; Δ in accuracy points.",
     "Cost": "Medians over all merge methods, bit widths and seeds (default settings) of the quantize job's wall time "
     "and peak resident memory (Snakemake benchmark files where given), and the ratio to GPTQ's median.",
+    QUOTED_HEADING: "Published numbers, copied as given with their source; not produced by this workflow (their "
+    "models, test sets, prompts and evaluation code may differ from ours), so they are context only and enter no Avg, "
+    "mark, Δ or figure above. Avg is the source's own mean accuracy (%) over its tasks.",
 }
 
 
-def markdown(suites: list[SuiteData], runs: list[dict], meta: dict | None, figure_paths: dict) -> str:
-    """``figure_paths``: suite -> [(caption, path relative to the Markdown file)]."""
+def markdown(
+    suites: list[SuiteData], runs: list[dict], meta: dict | None, figure_paths: dict, anchors: dict | None = None
+) -> str:
+    """``figure_paths``: suite -> [(caption, path relative to the Markdown file)]; ``anchors``: suite -> checked
+    quoted numbers (:func:`epmq.report.anchors.normalize_anchors`)."""
+    anchors = anchors or {}
     title = (meta or {}).get("title") or DEFAULT_TITLE
     out = [f"# {title}", "", "Full data (one row per run, task and metric): [leaderboard.csv](leaderboard.csv).", ""]
     out += ["## Methodology", ""]
-    out += [f"- **{label}**: {text}" for label, text in methodology(runs)]
+    out += [f"- **{label}**: {text}" for label, text in methodology(runs, quoted=any(anchors.values()))]
     for label, text, code in meta_items(meta) + data_items(runs):
         out.append(f"- **{label}**: `{text}`" if code else f"- **{label}**: {text}")
     for sd in suites:
         out += ["", f"## {sd.suite}", "", suite_summary(sd)]
-        for name, table in _suite_tables(sd):
+        for name, table in _suite_tables(sd, anchors.get(sd.suite)):
             out += ["", f"### {name}", ""]
             if name in _SECTION_NOTES:
                 out += [_SECTION_NOTES[name], ""]
@@ -187,6 +206,8 @@ td.best{background:#e8f5e9}.se{color:#666}.mark{color:#1b5e20;font-weight:bold}
 ul.meta li{margin:.15rem 0}code{background:#f4f4f4;padding:0 .2rem;border-radius:3px}
 figure{margin:1rem 0}figure svg{max-width:100%;height:auto}figcaption{color:#555;font-size:.9rem}
 """.strip()
+# added to the page only when it has quoted numbers (a page without them stays as it was)
+_QUOTED_CSS = "table.quoted td{background:#fff8e1;font-style:italic}table.quoted th{background:#ffecb3}"
 
 
 def _inline(text: str) -> str:
@@ -211,7 +232,7 @@ def _html_cell(c) -> str:
 
 def html_table(t: Table) -> str:
     lines = [
-        "<table>",
+        f'<table class="{html.escape(t.css_class)}">' if t.css_class else "<table>",
         "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in t.headers) + "</tr></thead>",
         "<tbody>",
     ]
@@ -238,16 +259,21 @@ def inline_svg(svg: str, prefix: str) -> str:
     return s.strip()
 
 
-def html_page(suites: list[SuiteData], runs: list[dict], meta: dict | None, figures: dict) -> str:
-    """``figures``: suite -> [(caption, relative path, svg text)]."""
+def html_page(
+    suites: list[SuiteData], runs: list[dict], meta: dict | None, figures: dict, anchors: dict | None = None
+) -> str:
+    """``figures``: suite -> [(caption, relative path, svg text)]; ``anchors`` as for :func:`markdown`."""
+    anchors = anchors or {}
+    quoted = any(anchors.values())
     title = (meta or {}).get("title") or DEFAULT_TITLE
+    css = f"{_CSS}\n{_QUOTED_CSS}" if quoted else _CSS
     out = [
         "<!DOCTYPE html>",
         '<html lang="en">',
         "<head>",
         '<meta charset="utf-8">',
         f"<title>{html.escape(title)}</title>",
-        f"<style>\n{_CSS}\n</style>",
+        f"<style>\n{css}\n</style>",
         "</head>",
         "<body>",
         f"<h1>{html.escape(title)}</h1>",
@@ -255,7 +281,10 @@ def html_page(suites: list[SuiteData], runs: list[dict], meta: dict | None, figu
         "<h2>Methodology</h2>",
         '<ul class="meta">',
     ]
-    out += [f"<li><strong>{_inline(label)}</strong>: {_inline(text)}</li>" for label, text in methodology(runs)]
+    out += [
+        f"<li><strong>{_inline(label)}</strong>: {_inline(text)}</li>"
+        for label, text in methodology(runs, quoted=quoted)
+    ]
     for label, text, code in meta_items(meta) + data_items(runs):
         val = f"<code>{html.escape(text, quote=False)}</code>" if code else html.escape(text, quote=False)
         out.append(f"<li><strong>{html.escape(label)}</strong>: {val}</li>")
@@ -263,7 +292,7 @@ def html_page(suites: list[SuiteData], runs: list[dict], meta: dict | None, figu
     n_fig = 0
     for sd in suites:
         out += [f"<h2>{html.escape(sd.suite)}</h2>", f"<p>{html.escape(suite_summary(sd))}</p>"]
-        for name, table in _suite_tables(sd):
+        for name, table in _suite_tables(sd, anchors.get(sd.suite)):
             out.append(f"<h3>{html.escape(name)}</h3>")
             if name in _SECTION_NOTES:
                 out.append(f"<p>{html.escape(_SECTION_NOTES[name])}</p>")

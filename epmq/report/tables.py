@@ -42,6 +42,7 @@ class Table:
     rows: list = field(default_factory=list)  # list[list[Cell]]
     row_classes: list = field(default_factory=list)  # per row: "ref", "block" (first of a block), ""
     caption: str = ""
+    css_class: str = ""  # the HTML <table>'s class ("quoted" for numbers copied from the literature)
 
     def add(self, cells: list, cls: str = "") -> None:
         self.rows.append(cells)
@@ -290,9 +291,20 @@ def _meta_value(v) -> str:
     return fmt_value(v)
 
 
-def methodology(runs: list[dict]) -> list[tuple]:
-    """The fixed explanation of the numbers: [(label, text)]."""
+def methodology(runs: list[dict], *, quoted: bool = False) -> list[tuple]:
+    """The fixed explanation of the numbers: [(label, text)] (with ``quoted``: how quoted numbers are shown)."""
     ablations = "; ".join(f"*{METHOD_NAMES[m]}*" for m in ABLATION_METHODS)
+    extra = []
+    if quoted:
+        extra.append(
+            (
+                "Quoted numbers",
+                "the tables *Quoted from the literature (not reproduced here)* copy published numbers (label and "
+                "source on every row); they were not produced by this workflow, may use other models, test sets "
+                "and evaluation code, and never enter an Avg, a mark, a Δ or a figure. The CSV has them as rows "
+                "with `origin` = `quoted`.",
+            )
+        )
     return [
         (
             "Metric",
@@ -327,6 +339,7 @@ def methodology(runs: list[dict]) -> list[tuple]:
             "of 64 input columns; `(2 seeds)` after a method = fewer seeds than the other rows. "
             "Hyperparameter sweep points are in their own table.",
         ),
+        *extra,
     ]
 
 

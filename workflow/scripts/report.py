@@ -8,4 +8,5 @@ from epmq.pipeline import log_to, report, run_meta
 sm = snakemake  # noqa: F821 (injected by the script directive)
 with log_to(sm.log[0]):
     meta = run_meta(expand(sm.config))
-    report(sm.input.evals, Path(sm.output.csv).parent, benchmarks=sm.input.benchmarks, meta=meta)
+    report(sm.input.evals, Path(sm.output.csv).parent, benchmarks=sm.input.benchmarks, meta=meta,
+           anchors=sm.params.anchors)
