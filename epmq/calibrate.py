@@ -331,6 +331,7 @@ class _Engine:
         _link_mha_parents(block)
         return block
 
+    @torch.no_grad()
     def expert_pass(self, idx: int, streams: _Streams) -> list[list[dict[str, torch.Tensor]]] | None:
         """Run every expert's block ``idx`` once: capture the inputs of all its sites and advance
         ``streams.expert`` to the next block. Expert inputs do not depend on what is quantized, so one pass

@@ -256,3 +256,25 @@ def test_padding_positions_do_not_enter_the_statistics():
         assert (out[0].results[k].codes == out[1].results[k].codes).float().mean() >= 0.999, k
     for a, b in zip(out[0].layers, out[1].layers):
         assert a["rel_err_merged"] == pytest.approx(b["rel_err_merged"], rel=1e-4), a["layer"]
+
+
+def test_no_autograd_graph_survives_quantization(setting):
+    """Calibration forwards run without autograd: a graph kept alive through the propagated hidden states
+    would hold every block's activations (it once tripled E-PMQ's peak memory)."""
+    import epmq.calibrate as C
+
+    name, merged, experts, calib, _ = setting
+    seen = []
+    real = C._Engine.expert_pass
+
+    def spy(self, idx, streams):
+        out = real(self, idx, streams)
+        seen.extend(c.hidden.requires_grad for calls in streams.expert for c in calls)
+        return out
+
+    C._Engine.expert_pass = spy
+    try:
+        quantize_model(copy.deepcopy(merged), calib, QuantConfig(method="epmq", bits=3), experts=experts, progress=False)
+    finally:
+        C._Engine.expert_pass = real
+    assert seen and not any(seen)
