@@ -1,0 +1,386 @@
+"""Benchmark: calibrate + quantize an open_clip vision tower with GPTQ, E-PMQ and a reference-style GPTQ loop.
+
+Not a test. Builds open_clip's vision tower (``--arch``, random seeded weights), T "experts" (the base plus
+seeded per-tensor perturbations of relative size ``--pert``), the task-arithmetic merge of them
+(``base + lam * sum_t (expert_t - base)``, ``lam = 1/T``: their mean) and random calibration images, then
+times side by side:
+
+``gptq``       :func:`epmq.calibrate.quantize_model`, method ``gptq``, sequential propagation;
+``epmq``       the same with method ``epmq`` and the experts;
+``reference``  the straightforward procedure of the original GPTQ code (IST-DASLab ``opt.py``/``llama.py``
+               ``--true-sequential``): per block and per true-sequential group, forward hooks on the merged
+               model accumulate ``H = 2/n X X^T`` over every calibration batch, the plain per-column
+               :func:`epmq.quant.rounding.gptq` rounds each weight, then the block is re-run to propagate.
+               It is the ratio baseline.
+
+Each variant runs in its own subprocess of this script (``--only VARIANT``) so that the peak RSS
+(``getrusage`` high-water mark, process-wide) is that variant's alone; the model build is inside that
+process too, so the RSS includes the model, the experts and the calibration images.
+
+    python bench/quantize_bench.py --device cuda --arch ViT-B-32 --tasks 8 --n-per-task 256
+    python bench/quantize_bench.py --small            # CPU, ~1 min on 2 cores; ratios only
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+VARIANTS = ("reference", "gptq", "epmq")
+
+#: what ``quantize_model(method="gptq")`` is, relative to the reference loop (written into every row)
+ENGINE_NOTE = (
+    "quantize_model(gptq) runs the same per-column gptq() as the reference loop (no fast engine yet); "
+    "ratios are the baseline for the future engine"
+)
+
+CSV_COLUMNS = [
+    "variant", "seconds", "speedup_vs_reference", "ratio_vs_gptq", "peak_rss_mb", "peak_gpu_mb", "n_layers",
+    "mean_rel_err", "rel_err_diff_vs_reference", "device", "device_name", "torch_version", "python_version",
+    "threads", "arch", "blocks", "width", "tasks", "n_per_task", "batch_size", "image_size", "bits", "group_size",
+    "damp", "block_size", "pert", "lam", "seed", "small", "isolated", "engine_note",
+]
+
+
+# ------------------------------------------------------------------ setup
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_visual(arch: str, image_size: int, blocks: int | None, width: int | None = None) -> nn.Module:
+    from epmq.models.sources import build_openclip_visual, openclip_model_config
+
+    cfg = copy.deepcopy(openclip_model_config(arch))
+    cfg["vision_cfg"]["image_size"] = image_size
+    if width:  # smoke tests only: not the architecture any more
+        cfg["vision_cfg"]["width"] = width
+    model = build_openclip_visual(cfg)
+    if blocks:
+        rb = model.transformer.resblocks
+        if not 1 <= blocks <= len(rb):
+            raise SystemExit(f"--blocks {blocks}: {arch} has {len(rb)} blocks")
+        model.transformer.resblocks = nn.ModuleList(list(rb)[:blocks])
+        model.transformer.layers = blocks
+    return model.eval()
+
+
+def setup(args) -> tuple[nn.Module, list[dict], list[list[torch.Tensor]]]:
+    """(merged model, expert state dicts, per-task calibration batches), all on the CPU, deterministic."""
+    torch.manual_seed(args.seed)
+    base = build_visual(args.arch, args.image_size, args.blocks, args.width)
+    base_sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    experts = []
+    for _ in range(args.tasks):
+        sd = {}
+        for k, v in base_sd.items():
+            if v.is_floating_point() and v.numel() > 1:
+                rms = v.float().pow(2).mean().sqrt().clamp_min(1e-8)
+                sd[k] = v + args.pert * rms * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+            else:
+                sd[k] = v.clone()
+        experts.append(sd)
+    lam = 1.0 / args.tasks
+    merged_sd = {
+        k: v + lam * sum(e[k] - v for e in experts) if v.is_floating_point() else v for k, v in base_sd.items()
+    }
+    merged = base
+    merged.load_state_dict(merged_sd)
+    calib = []
+    for t in range(args.tasks):
+        g = torch.Generator().manual_seed(args.seed + 1000 + t)
+        imgs = torch.randn(args.n_per_task, 3, args.image_size, args.image_size, generator=g)
+        calib.append(list(imgs.split(args.batch_size)))
+    return merged, experts, calib
+
+
+# ------------------------------------------------------------------ the reference-style loop
+
+
+@torch.no_grad()
+def reference_gptq(model: nn.Module, calib, args, device) -> list[dict]:
+    """The original GPTQ procedure (true-sequential), written out plainly; returns a log row per layer."""
+    from epmq.calibrate import _Capture, _capture_block_inputs, _link_mha_parents, _run_block
+    from epmq.models.adapters import get_adapter
+    from epmq.quant.rounding import gptq
+
+    adapter = get_adapter(model)
+    model = model.to(device)
+    blocks = adapter.find_blocks(model)
+    first = blocks[0][1]
+    inps = [c for batches in calib for c in _capture_block_inputs(model, first, adapter, batches, device)]
+    layers = []
+    for prefix, block in blocks:
+        _link_mha_parents(block)
+        for group in adapter.find_linears(block):
+            keys = {}
+            for s in group:
+                keys.setdefault(s.input_key, s)
+            H = {k: torch.zeros(s.weight.shape[1], s.weight.shape[1], device=device) for k, s in keys.items()}
+            n = dict.fromkeys(keys, 0)
+            for call in inps:
+                with _Capture(list(keys.values())) as cap:  # full block forward, as in the reference
+                    _run_block(block, call)
+                for k in keys:  # the reference's add_batch: running mean of 2 X X^T
+                    x = cap.inputs[k].reshape(-1, H[k].shape[0]).t().float()
+                    m = x.shape[1]
+                    H[k] *= n[k] / (n[k] + m)
+                    n[k] += m
+                    x = (2 / n[k]) ** 0.5 * x
+                    H[k] += x @ x.t()
+            for s in group:
+                W = s.weight.detach().float().clone()  # .float() of a float32 weight is the weight itself
+                Hk = H[s.input_key]
+                t0 = time.perf_counter()
+                res = gptq(W, Hk, args.bits, group_size=args.group_size, damp=args.damp, block_size=args.block_size)
+                s.weight.data.copy_(res.weight.to(s.weight.dtype))
+                dW = (res.weight - W).double()
+                Hd = Hk.double()
+                err = float(torch.einsum("ij,jk,ik->", dW, Hd, dW)) / max(
+                    float(torch.einsum("ij,jk,ik->", W.double(), Hd, W.double())), 1e-30
+                )
+                layers.append({"layer": prefix + s.name, "seconds": time.perf_counter() - t0, "rel_err_merged": err})
+            del H
+        inps = [c.with_hidden(_run_block(block, c)) for c in inps]
+    return layers
+
+
+# ------------------------------------------------------------------ one variant
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_rss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return r / 2**20 if sys.platform == "darwin" else r / 1024
+
+
+def run_variant(variant: str, args) -> dict:
+    """Build the setup, then time ``variant`` (calibration forward passes + quantization)."""
+    from epmq.calibrate import QuantConfig, quantize_model
+
+    device = resolve_device(args.device)
+    merged, experts, calib = setup(args)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    if variant == "reference":
+        layers = reference_gptq(merged, calib, args, device)
+    else:
+        cfg = QuantConfig(method=variant, bits=args.bits, group_size=args.group_size, damp=args.damp,
+                          block_size=args.block_size, propagation="sequential")
+        report = quantize_model(merged, calib, cfg, experts=experts if variant == "epmq" else None,
+                                device=device, progress=False)
+        layers = [{"layer": r["layer"], "rel_err_merged": r["rel_err_merged"]} for r in report.layers]
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    return {
+        "variant": variant,
+        "seconds": seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan"),
+        "layers": {r["layer"]: r["rel_err_merged"] for r in layers},
+        "width": merged.transformer.width,
+        "n_blocks": len(merged.transformer.resblocks),
+    }
+
+
+def _argv_for(args) -> list[str]:
+    out = []
+    for k, v in vars(args).items():
+        if k in ("only", "json_out", "out", "no_isolate", "small"):
+            continue
+        out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+def run_isolated(variant: str, args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "r.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--only", variant, "--json-out", str(path),
+               *_argv_for(args)]
+        subprocess.run(cmd, check=True)
+        return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------ all variants, table, CSV
+
+
+def bench(args) -> list[dict]:
+    """Run every variant (each in a subprocess unless ``args.no_isolate``); returns the CSV rows."""
+    device = resolve_device(args.device)
+    prev_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = {}
+    try:
+        for v in VARIANTS:
+            results[v] = run_variant(v, args) if args.no_isolate else run_isolated(v, args)
+    finally:
+        torch.set_num_threads(prev_threads)
+    ref, gq = results["reference"], results["gptq"]
+    meta = {
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "threads": args.threads or prev_threads,
+        "arch": args.arch,
+        "blocks": ref["n_blocks"],
+        "width": ref["width"],
+        "tasks": args.tasks,
+        "n_per_task": args.n_per_task,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "bits": args.bits,
+        "group_size": args.group_size,
+        "damp": args.damp,
+        "block_size": args.block_size,
+        "pert": args.pert,
+        "lam": 1.0 / args.tasks,
+        "seed": args.seed,
+        "small": bool(args.small),
+        "isolated": not args.no_isolate,
+        "engine_note": ENGINE_NOTE,
+    }
+    rows = []
+    for v in VARIANTS:
+        r = results[v]
+        errs = r["layers"]
+        common = [k for k in errs if k in ref["layers"]]
+        diff = sum(abs(errs[k] - ref["layers"][k]) / max(ref["layers"][k], 1e-30) for k in common) / max(len(common), 1)
+        rows.append({
+            "variant": v,
+            "seconds": r["seconds"],
+            "speedup_vs_reference": ref["seconds"] / r["seconds"],
+            "ratio_vs_gptq": r["seconds"] / gq["seconds"],
+            "peak_rss_mb": r["peak_rss_mb"],
+            "peak_gpu_mb": r["peak_gpu_mb"],
+            "n_layers": len(errs),
+            "mean_rel_err": sum(errs.values()) / max(len(errs), 1),
+            "rel_err_diff_vs_reference": diff,
+            **meta,
+        })
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def format_table(rows: list[dict]) -> str:
+    m = rows[0]
+    head = (f"{m['arch']} blocks={m['blocks']} T={m['tasks']} N={m['n_per_task']} bs={m['batch_size']} "
+            f"{m['image_size']}px bits={m['bits']} g={m['group_size']} | {m['device']}: {m['device_name']} | "
+            f"torch {m['torch_version']} threads={m['threads']}")
+    cols = [("variant", "{}"), ("seconds", "{:.2f}"), ("speedup_vs_reference", "{:.2f}x"),
+            ("ratio_vs_gptq", "{:.2f}x"), ("peak_rss_mb", "{:.0f}"), ("peak_gpu_mb", "{:.0f}"),
+            ("mean_rel_err", "{:.4g}"), ("rel_err_diff_vs_reference", "{:.3g}")]
+    cells = [[c for c, _ in cols]] + [[fmt.format(r[c]) for c, fmt in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = [" | ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join([head, *lines, f"note: {m['engine_note']}"])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="ViT-B-32", help="open_clip architecture (ViT-B-32, ViT-L-14, ...)")
+    p.add_argument("--tasks", type=int, default=None, help="experts / calibration tasks T (default 8; small: 2)")
+    p.add_argument("--n-per-task", type=int, default=None, help="calibration images per task (default 256; small: 8)")
+    p.add_argument("--batch-size", type=int, default=None, help="calibration batch size (default 64; small: 8)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--blocks", type=int, default=None, help="keep only the first K resblocks (default all; small: 2)")
+    p.add_argument("--width", type=int, default=0, help="override the tower's width (smoke tests only; 0: the arch's)")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block width")
+    p.add_argument("--pert", type=float, default=1e-2, help="expert perturbation, relative to each tensor's RMS")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (0: torch's default; default 1 on CPU -- on a shared/contended CPU the "
+                        "per-column GPTQ loop is >10x slower with 2 threads -- and 0 on CUDA)")
+    p.add_argument("--small", action="store_true", help="CPU smoke size (T=2, N=8, 2 blocks); timings for ratios only")
+    p.add_argument("--out", default=None, help="CSV path (default bench/results/<device>-<arch>[-small].csv)")
+    p.add_argument("--no-isolate", action="store_true", help="run the variants in this process (RSS not per variant)")
+    p.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--json-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    small = {"tasks": 2, "n_per_task": 8, "batch_size": 8, "blocks": 2}
+    full = {"tasks": 8, "n_per_task": 256, "batch_size": 64, "blocks": 0}
+    for k, v in (small if args.small else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.small and args.device == "auto":
+        args.device = "cpu"
+    if args.threads is None:
+        args.threads = 1 if resolve_device(args.device).type == "cpu" else 0
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.only:
+        r = run_variant(args.only, args)
+        Path(args.json_out).write_text(json.dumps(r))
+        return
+    rows = bench(args)
+    dev = rows[0]["device"]
+    suffix = "-small" if args.small else ""
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{dev}-{args.arch}{suffix}.csv"
+    write_csv(rows, out)
+    print(format_table(rows))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    main()

@@ -1,0 +1,43 @@
+"""Smoke test of bench/quantize_bench.py: its core function on a tiny configuration (not a benchmark)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "quantize_bench.py"
+
+
+@pytest.fixture(scope="module")
+def qb():
+    if importlib.util.find_spec("open_clip") is None:
+        pytest.skip("open_clip is not installed")
+    spec = importlib.util.spec_from_file_location("quantize_bench", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_core_writes_csv(qb, tmp_path):
+    out = tmp_path / "r.csv"
+    args = qb.parse_args(["--device", "cpu", "--blocks", "1", "--tasks", "2", "--n-per-task", "2",
+                          "--batch-size", "2", "--image-size", "64", "--width", "64", "--group-size", "32",
+                          "--no-isolate", "--out", str(out)])
+    rows = qb.bench(args)
+    qb.write_csv(rows, out)
+    with open(out, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == qb.CSV_COLUMNS
+        got = list(reader)
+    assert [r["variant"] for r in got] == list(qb.VARIANTS)
+    for r in got:
+        assert float(r["seconds"]) > 0 and float(r["peak_rss_mb"]) > 0
+        assert int(r["n_layers"]) == 4 and float(r["mean_rel_err"]) > 0
+        assert r["arch"] == "ViT-B-32" and r["bits"] == "4" and r["tasks"] == "2" and r["torch_version"]
+    ref = got[0]
+    assert float(ref["rel_err_diff_vs_reference"]) == 0 and float(ref["speedup_vs_reference"]) == 1
+    assert float(got[1]["rel_err_diff_vs_reference"]) < 0.5  # gptq: the same procedure as the reference
+    assert "reference" in qb.format_table(rows)
