@@ -103,8 +103,10 @@ def cmd_quantize(args):
         if k not in QUANT_KNOBS:
             raise EPMQError(f"--set {k}: unknown knob, expected one of {list(QUANT_KNOBS)}")
     qid = args.method + "".join(f".{k}={fmt_value(v)}" for k, v in sorted(overrides.items()))
+    if args.suite not in grid.suites:
+        raise EPMQError(f"--suite {args.suite}: not a key of suites: ({sorted(grid.suites)})")
     qcfg = {"method": args.method, "bits": args.bits, "group_size": args.group_size,
-            **grid.config["quantize"]["params"], **overrides}
+            **grid.config["quantize"]["params"], **grid.suites[args.suite]["quantize"], **overrides}
     n = grid.config["calibration"]["n_per_task"]
     merged = _path(grid, "merged", suite=args.suite, merge=args.merge)
     calib = _path(grid, "calib", suite=args.suite, n=n, seed=args.seed)

@@ -81,7 +81,7 @@ class Grid:
     """A validated config, expanded."""
 
     config: dict
-    suites: dict[str, dict] = field(default_factory=dict)  # id -> {"type", "options", "tasks", "seed"}
+    suites: dict[str, dict] = field(default_factory=dict)  # id -> {"type", "options", "tasks", "seed", "quantize"}
     merges: dict[str, dict] = field(default_factory=dict)  # id -> {"method", "params", "select"}
     runs: list[QuantRun] = field(default_factory=list)
     #: suite id -> numbers quoted from the literature (checked, in table order): shown beside ours, never averaged
@@ -105,14 +105,17 @@ class Grid:
                 return method, dict(run.variant)
         raise EPMQError(f"quantizer {quantizer_id!r} is not in the grid")
 
-    def quant_config(self, quantizer_id: str, bits: int, group_size: int) -> dict:
+    def quant_config(self, quantizer_id: str, bits: int, group_size: int, suite: str | None = None) -> dict:
         """The QuantConfig fields of one job (what reaches the job through ``params:``): only the knobs its
-        method reads, so that changing an E-PMQ knob re-runs the E-PMQ jobs and nothing else."""
+        method reads, so that changing an E-PMQ knob re-runs the E-PMQ jobs and nothing else. ``suite``'s own
+        ``quantize:`` knobs override ``quantize.params``; a sweep's value overrides both."""
         from epmq.quant import METHODS
 
         method, variant = self.quantizer(quantizer_id)
         used = relevant_knobs(METHODS[method])
-        shared = {k: v for k, v in self.config["quantize"]["params"].items() if k in used}
+        own = self.suites[suite]["quantize"] if suite is not None else {}
+        params = {**self.config["quantize"]["params"], **own}
+        shared = {k: v for k, v in params.items() if k in used}
         knobs = dict(sorted({**shared, **variant}.items()))
         return {"method": method, "bits": int(bits), "group_size": int(group_size), **knobs}
 
@@ -163,7 +166,12 @@ def expand(config: dict) -> Grid:
         tasks = _suite_tasks(kind, options)
         if len(tasks) < 1:
             raise EPMQError(f"suites.{sid}: no tasks")
-        grid.suites[sid] = {"type": kind, "options": options, "tasks": tasks, "seed": int(s.get("seed", 0))}
+        own = dict(sorted((s.get("quantize") or {}).items()))
+        for k in own:
+            if k not in QUANT_KNOBS:
+                raise EPMQError(f"suites.{sid}.quantize.{k}: unknown knob, expected some of {list(QUANT_KNOBS)}")
+        grid.suites[sid] = {"type": kind, "options": options, "tasks": tasks, "seed": int(s.get("seed", 0)),
+                            "quantize": own}
     if not grid.suites:
         raise EPMQError("config: suites: is empty")
     from epmq.report.anchors import normalize_anchors  # cheap: no matplotlib, no torch

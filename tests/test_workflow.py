@@ -136,6 +136,21 @@ def test_grid_expansion_and_knob_scoping():
     assert grid.quant_config("epmq", 3, -1)["lam_w"] == 0.01
 
 
+def test_suite_level_quantizer_knobs_override_shared_ones():
+    cfg = _tiny()
+    cfg["suites"]["tiny-vit"]["quantize"] = {"forward_dtype": "bf16", "lam_w": 0.5}
+    epmq.config.validate(cfg)
+    grid = epmq.config.expand(cfg)
+    assert grid.quant_config("gptq", 3, -1, "tiny-vit")["forward_dtype"] == "bf16"
+    assert "forward_dtype" not in grid.quant_config("rtn", 3, -1, "tiny-vit")  # RTN reads no calibration knob
+    assert grid.quant_config("epmq", 3, -1, "tiny-vit")["lam_w"] == 0.5
+    assert grid.quant_config("epmq.lam_w=1", 3, -1, "tiny-vit")["lam_w"] == 1.0  # a sweep point wins
+    assert grid.quant_config("epmq", 3, -1)["lam_w"] == 0.01  # no suite: the shared knobs
+    cfg["suites"]["tiny-vit"]["quantize"] = {"nope": 1}
+    with pytest.raises(EPMQError, match=r"suites\.tiny-vit\.quantize"):
+        epmq.config.validate(cfg)
+
+
 def test_ablations_and_sweeps_can_be_limited_to_suites():
     cfg = _tiny()
     cfg["suites"]["other"] = {"type": "tiny-vit", "options": {"tasks": ["digits", "mnist"]}}

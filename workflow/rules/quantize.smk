@@ -18,7 +18,7 @@ rule quantize:
         mem_mb=8000,
     params:
         spec=spec,
-        qcfg=lambda w: GRID.quant_config(w.quantizer, w.bits, w.group),
+        qcfg=lambda w: GRID.quant_config(w.quantizer, w.bits, w.group, w.suite),
         n_calib=CAL["n_per_task"],
         device=DEVICE,
     script:
