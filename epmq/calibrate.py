@@ -22,7 +22,6 @@ mappings (e.g. safetensors) and only one expert block is materialised at a time.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from collections.abc import Mapping, Sequence
@@ -33,6 +32,7 @@ from torch import nn
 
 from epmq.errors import EPMQError, check_finite
 from epmq.models.adapters import Adapter, Site, get_adapter
+from epmq.precision import DTYPES, autocast
 from epmq.quant import METHODS, QuantMethod
 from epmq.quant.result import QuantResult
 from epmq.quant.rounding import gptq, rtn
@@ -143,7 +143,7 @@ def _capture_block_inputs(
             batch = _to(batch, device)
             tokens[0] = adapter.token_mask(batch)
             try:
-                with _autocast(device, dtype):
+                with autocast(device, dtype):
                     adapter.run(model, batch)
             except _StopForward:
                 pass
@@ -164,18 +164,11 @@ def _to(x, device):
     return x
 
 
-FORWARD_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    """Mixed-precision forwards (weights stay float32; statistics are accumulated in float32)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+FORWARD_DTYPES = DTYPES  # statistics are accumulated in float32 whatever the forward dtype
 
 
 def _run_block(block: nn.Module, call: _Call, dtype: torch.dtype | None = None) -> torch.Tensor:
-    with _autocast(call.hidden.device, dtype):
+    with autocast(call.hidden.device, dtype):
         out = block(*call.args, **call.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -337,7 +330,6 @@ class _Engine:
         ``streams.expert`` to the next block. Expert inputs do not depend on what is quantized, so one pass
         serves every group of the block. Returns None (and advances nothing) when keeping the captures of
         the whole block would exceed ``EXPERT_CACHE_MB``; callers then recompute them per group."""
-        sites = None
         out: list[list[dict[str, torch.Tensor]]] = []
         nxt: list[list[_Call]] = []
         total_calls = sum(len(c) for c in streams.expert)

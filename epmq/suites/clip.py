@@ -87,7 +87,7 @@ from pathlib import Path
 from epmq.errors import EPMQError
 from epmq.evaluate import accuracy_record
 from epmq.io import save_safetensors_atomic, write_json_atomic
-from epmq.suites.base import Suite
+from epmq.suites.base import Suite, parse_set_options
 from epmq.tasks.clip import TASKS_8, get_task
 
 #: options and their defaults (the paper's ViT-B/32 8-task setting).
@@ -113,7 +113,7 @@ DEFAULTS = {
 FORMAT_VERSION = 1
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16")  # the names of epmq.precision.DTYPES
 LAYOUTS = ("hf", "open_clip")
 SPLITS = ("test", "validation", "train")
 PROJECTION = "projection"  # heads/projection.safetensors
@@ -416,10 +416,9 @@ class ClipSuite(Suite):
         return tqdm(it, desc=desc, total=total, leave=False, disable=not (_isatty() if p is None else p))
 
     def _autocast(self, device):
-        import torch
+        from epmq.precision import autocast
 
-        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.cfg["precision"]]
-        return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        return autocast(device, self.cfg["precision"])
 
     def _rng(self, task: str, what: int):
         import numpy as np
@@ -957,13 +956,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="suite option (JSON value)")
     p.add_argument("--preprocess", action="store_true", help="fetch: also write the preprocessed data caches")
     a = p.parse_args(argv)
-    options = {}
-    for kv in a.set:
-        k, _, v = kv.partition("=")
-        try:
-            options[k] = json.loads(v)
-        except json.JSONDecodeError:
-            options[k] = v
+    options = parse_set_options(a.set)
     try:
         if a.command == "fetch":
             out = fetch(a.cache, seed=a.seed, preprocess=a.preprocess, **options)

@@ -52,7 +52,6 @@ CLI::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -67,9 +66,10 @@ from torch.nn import functional as F
 
 from epmq.errors import EPMQError
 from epmq.evaluate import accuracy_record
+from epmq.precision import autocast
 from epmq.io import save_safetensors_atomic as _save_safetensors
 from epmq.io import write_json_atomic
-from epmq.suites.base import Suite
+from epmq.suites.base import Suite, parse_set_options
 
 TASKS = ("tweet_sentiment", "spam", "fine_food", "tweet_device")
 
@@ -123,7 +123,7 @@ CLASS_PROMPTS = {
 _HEAD_KEYS = ("max_len", "max_train", "n_proto", "head_init", "scale")
 _EXPERT_KEYS = ("max_len", "max_train", "steps", "lr", "weight_decay", "batch_size", "warmup",
                 "freeze_embeddings", "n_proto", "head_init", "scale", "precision")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+PRECISIONS = ("fp32", "bf16")  # names of epmq.precision.DTYPES this suite was checked with
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -531,8 +531,7 @@ class MiniLMSuite(Suite):
 
     def _autocast(self):
         """The forwards of fine-tuning and evaluation in ``precision`` (weights and optimizer stay fp32)."""
-        dtype = PRECISIONS[self.options["precision"]]
-        return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        return autocast("cpu", self.options["precision"])
 
     def _bar(self, it, desc):
         from tqdm import tqdm
@@ -679,12 +678,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     options = dict(steps=a.steps, lr=a.lr, max_len=a.max_len, n_test=a.n_test, head_init=a.head_init,
                    threads=a.threads)
-    for kv in a.set:
-        k, _, v = kv.partition("=")
-        try:
-            options[k] = json.loads(v)
-        except json.JSONDecodeError:
-            options[k] = v
+    options.update(parse_set_options(a.set))
     try:
         suite = MiniLMSuite(a.cache, seed=a.seed, **options)
         if a.command == "build":

@@ -1,0 +1,23 @@
+"""Mixed-precision forwards: the dtype names configs use and one autocast context for all of them.
+
+Weights (and optimizer state, and calibration statistics) stay float32; only the forward passes run under
+``torch.autocast`` in the named dtype. ``"fp32"`` means no autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+#: config name -> autocast dtype (None: plain float32)
+DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device, name_or_dtype):
+    """``torch.autocast`` on ``device``'s type in ``name_or_dtype`` (a :data:`DTYPES` key or a dtype); a null
+    context for ``"fp32"`` / None."""
+    dtype = DTYPES[name_or_dtype] if isinstance(name_or_dtype, str) else name_or_dtype
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
