@@ -85,3 +85,18 @@ class Suite(ABC):
     @abstractmethod
     def evaluate_all(self, encoder, *, split: str = "test") -> dict:
         """``{"tasks": {task: evaluate(...)}, "mean": unweighted mean accuracy over the tasks}``."""
+
+
+def parse_set_options(pairs) -> dict:
+    """Suite options from a suite CLI's repeated ``--set KEY=VALUE``: each value read as JSON (numbers,
+    booleans, lists), else kept as the string."""
+    import json
+
+    options = {}
+    for kv in pairs:
+        k, _, v = kv.partition("=")
+        try:
+            options[k] = json.loads(v)
+        except json.JSONDecodeError:
+            options[k] = v
+    return options

@@ -74,7 +74,7 @@ from epmq.errors import EPMQError
 from epmq.evaluate import accuracy_record
 from epmq.io import save_safetensors_atomic as _save_safetensors
 from epmq.io import write_json_atomic
-from epmq.suites.base import Suite
+from epmq.suites.base import Suite, parse_set_options
 
 #: options and their defaults (the full-size suite); tests pass a tiny configuration.
 DEFAULTS = {
@@ -636,13 +636,7 @@ def main(argv=None) -> int:
     p.add_argument("--extra-bits", default="", help="more RTN bit widths to report, e.g. 2,4 (no target)")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     a = p.parse_args(argv)
-    options = {}
-    for kv in a.set:
-        k, _, v = kv.partition("=")
-        try:
-            options[k] = json.loads(v)
-        except json.JSONDecodeError:
-            options[k] = v
+    options = parse_set_options(a.set)
     try:
         if a.command == "build":
             print(build_table(TinyViTSuite(a.cache, seed=a.seed, **options)))

@@ -157,14 +157,20 @@ def _stsb_label(t: GlueTask, ref) -> float:
     return v
 
 
-def pearson(x, y) -> float:
-    """Pearson correlation of two equal-length sequences (nan when either is constant)."""
+def _paired(x, y, what: str):
+    """``x``, ``y`` as float64 arrays, checked to be two 1-D sequences of equal length >= 2."""
     import numpy as np
 
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1 or x.size < 2:
-        raise EPMQError(f"pearson: need two 1-D sequences of equal length >= 2, got shapes {x.shape} and {y.shape}")
+        raise EPMQError(f"{what}: need two 1-D sequences of equal length >= 2, got shapes {x.shape} and {y.shape}")
+    return x, y
+
+
+def pearson(x, y) -> float:
+    """Pearson correlation of two equal-length sequences (nan when either is constant)."""
+    x, y = _paired(x, y, "pearson")
     xc, yc = x - x.mean(), y - y.mean()
     den = math.sqrt(float(xc @ xc) * float(yc @ yc))
     if den == 0.0:
@@ -190,12 +196,7 @@ def _average_ranks(x):
 
 def spearman(x, y) -> float:
     """Spearman rank correlation (Pearson of the average ranks; nan when either is constant)."""
-    import numpy as np
-
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    if x.shape != y.shape or x.ndim != 1 or x.size < 2:
-        raise EPMQError(f"spearman: need two 1-D sequences of equal length >= 2, got shapes {x.shape} and {y.shape}")
+    x, y = _paired(x, y, "spearman")
     return pearson(_average_ranks(x), _average_ranks(y))
 
 
