@@ -30,11 +30,16 @@ data: setup
 demo: data
 	$(VENV)/bin/snakemake --cores all
 
+# Triton only for the test of the CUDA GPTQ kernel under Triton's CPU interpreter; CUDA builds of torch
+# bring their own (then nothing is installed)
+TRITON_SPEC ?= triton==3.9.0
+
 test: setup
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q $(TRITON_SPEC)
 	$(PY) -m pytest
 
 lock:
-	$(PY) -m pip freeze --exclude-editable | grep -vE '^(torch|open_clip_torch)==' > requirements.lock.tmp
+	$(PY) -m pip freeze --exclude-editable | grep -vE '^(torch|open_clip_torch|triton)==' > requirements.lock.tmp
 	{ echo "# Exact versions the tests and the default grid run with (installed after torch==2.13.0; see Makefile)."; \
 	  echo "# Regenerate: make lock"; cat requirements.lock.tmp; } > requirements.lock && rm requirements.lock.tmp
 

@@ -10,8 +10,12 @@ times side by side:
 ``reference``  the straightforward procedure of the original GPTQ code (IST-DASLab ``opt.py``/``llama.py``
                ``--true-sequential``): per block and per true-sequential group, forward hooks on the merged
                model accumulate ``H = 2/n X X^T`` over every calibration batch, the plain per-column
-               :func:`epmq.quant.rounding.gptq` rounds each weight, then the block is re-run to propagate.
-               It is the ratio baseline.
+               :func:`epmq.quant.rounding.gptq` (``engine="plain"``) rounds each weight, then the block is
+               re-run to propagate. It is the ratio baseline.
+
+A second table isolates the rounding: for each distinct Linear shape of the architecture, ``gptq`` with the
+plain per-column loop and with the fast engine (:mod:`epmq.quant.kernels`) on the same weight and Hessian,
+in the same process, with the codes compared (``<csv stem>-layers.csv``).
 
 Each variant runs in its own subprocess of this script (``--only VARIANT``) so that the peak RSS
 (``getrusage`` high-water mark, process-wide) is that variant's alone; the model build is inside that
@@ -47,15 +51,20 @@ VARIANTS = ("reference", "gptq", "epmq")
 
 #: what ``quantize_model(method="gptq")`` is, relative to the reference loop (written into every row)
 ENGINE_NOTE = (
-    "quantize_model(gptq) runs the same per-column gptq() as the reference loop (no fast engine yet); "
-    "ratios are the baseline for the future engine"
+    "gptq/epmq round with the fast engine (one kernel call per block segment, kernel column); the reference "
+    "with the plain per-column loop"
 )
 
 CSV_COLUMNS = [
     "variant", "seconds", "speedup_vs_reference", "ratio_vs_gptq", "peak_rss_mb", "peak_gpu_mb", "n_layers",
     "mean_rel_err", "rel_err_diff_vs_reference", "device", "device_name", "torch_version", "python_version",
     "threads", "arch", "blocks", "width", "tasks", "n_per_task", "batch_size", "image_size", "bits", "group_size",
-    "damp", "block_size", "pert", "lam", "seed", "small", "isolated", "engine_note",
+    "damp", "block_size", "pert", "lam", "seed", "small", "isolated", "kernel", "engine_note",
+]
+
+LAYER_COLUMNS = [
+    "layer", "d_out", "d_in", "per_model", "plain_seconds", "fast_seconds", "speedup", "codes_identical",
+    "max_abs_diff", "kernel", "device", "device_name", "threads", "arch", "bits", "group_size", "block_size",
 ]
 
 
@@ -167,7 +176,8 @@ def reference_gptq(model: nn.Module, calib, args, device) -> list[dict]:
                 W = s.weight.detach().float().clone()  # .float() of a float32 weight is the weight itself
                 Hk = H[s.input_key]
                 t0 = time.perf_counter()
-                res = gptq(W, Hk, args.bits, group_size=args.group_size, damp=args.damp, block_size=args.block_size)
+                res = gptq(W, Hk, args.bits, group_size=args.group_size, damp=args.damp, block_size=args.block_size,
+                           engine="plain")
                 s.weight.data.copy_(res.weight.to(s.weight.dtype))
                 dW = (res.weight - W).double()
                 Hd = Hk.double()
@@ -227,7 +237,7 @@ def run_variant(variant: str, args) -> dict:
 def _argv_for(args) -> list[str]:
     out = []
     for k, v in vars(args).items():
-        if k in ("only", "json_out", "out", "no_isolate", "small"):
+        if k in ("only", "json_out", "out", "no_isolate", "small", "no_layers"):
             continue
         out += [f"--{k.replace('_', '-')}", str(v)]
     return out
@@ -280,6 +290,7 @@ def bench(args) -> list[dict]:
         "seed": args.seed,
         "small": bool(args.small),
         "isolated": not args.no_isolate,
+        "kernel": kernel_name(device),
         "engine_note": ENGINE_NOTE,
     }
     rows = []
@@ -303,10 +314,84 @@ def bench(args) -> list[dict]:
     return rows
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def kernel_name(device: torch.device) -> str:
+    from epmq.quant import kernels
+
+    return kernels.pick(device)
+
+
+# ------------------------------------------------------------------ rounding alone, per layer shape
+
+
+def layer_shapes(arch: str, image_size: int, width: int = 0) -> list[tuple[str, int, int, int]]:
+    """(name, d_out, d_in, count in the whole model) for each distinct quantized Linear shape of ``arch``."""
+    model = build_visual(arch, image_size, None, width)
+    from epmq.models.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    seen: dict[tuple[str, int, int], int] = {}
+    for _, block in adapter.find_blocks(model):
+        for group in adapter.find_linears(block):
+            for s in group:
+                key = (s.name, *s.weight.shape)
+                seen[key] = seen.get(key, 0) + 1
+    return [(n, o, i, c) for (n, o, i), c in seen.items()]
+
+
+@torch.no_grad()
+def bench_layers(args) -> list[dict]:
+    """Time gptq(engine="plain") and gptq(engine="fast") on each distinct Linear shape, same W and H."""
+    from epmq.quant.rounding import gptq
+
+    device = resolve_device(args.device)
+    rows = []
+    kw = dict(group_size=args.group_size, damp=args.damp, block_size=args.block_size)
+    for name, d_out, d_in, count in layer_shapes(args.arch, args.image_size, args.width):
+        g = torch.Generator().manual_seed(args.seed)
+        W = torch.randn(d_out, d_in, generator=g).to(device) * d_in**-0.5
+        X = torch.randn(min(4 * d_in, 4096), d_in, generator=g).to(device)
+        H = X.T @ X
+        gptq(W[:8], H, args.bits, engine="fast", **kw)  # compile / load the kernel outside the timing
+        times, res = {}, {}
+        for eng in ("plain", "fast"):
+            _sync(device)
+            t0 = time.perf_counter()
+            res[eng] = gptq(W, H, args.bits, engine=eng, **kw)
+            _sync(device)
+            times[eng] = time.perf_counter() - t0
+        rows.append({
+            "layer": name, "d_out": d_out, "d_in": d_in, "per_model": count,
+            "plain_seconds": times["plain"], "fast_seconds": times["fast"], "speedup": times["plain"] / times["fast"],
+            "codes_identical": float((res["plain"].codes == res["fast"].codes).float().mean()),
+            "max_abs_diff": float((res["plain"].weight - res["fast"].weight).abs().max()),
+            "kernel": kernel_name(device), "device": device.type, "device_name": device_name(device),
+            "threads": torch.get_num_threads(), "arch": args.arch, "bits": args.bits,
+            "group_size": args.group_size, "block_size": args.block_size,
+        })
+    tot = {e: sum(r[f"{e}_seconds"] * r["per_model"] for r in rows) for e in ("plain", "fast")}
+    rows.append({**rows[-1], "layer": "whole model (sum x count)", "d_out": "", "d_in": "",
+                 "per_model": sum(r["per_model"] for r in rows), "plain_seconds": tot["plain"],
+                 "fast_seconds": tot["fast"], "speedup": tot["plain"] / tot["fast"],
+                 "codes_identical": min(r["codes_identical"] for r in rows),
+                 "max_abs_diff": max(r["max_abs_diff"] for r in rows)})
+    return rows
+
+
+def format_layers(rows: list[dict]) -> str:
+    cols = [("layer", "{}"), ("d_out", "{}"), ("d_in", "{}"), ("per_model", "{}"), ("plain_seconds", "{:.3f}"),
+            ("fast_seconds", "{:.3f}"), ("speedup", "{:.1f}x"), ("codes_identical", "{:.6f}"),
+            ("max_abs_diff", "{:.2g}")]
+    cells = [[c for c, _ in cols]] + [[fmt.format(r[c]) for c, fmt in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = [" | ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join([f"rounding alone, per layer shape (kernel: {rows[0]['kernel']})", *lines])
+
+
+def write_csv(rows: list[dict], path: Path, columns: list[str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns or CSV_COLUMNS)
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
@@ -349,6 +434,7 @@ def parse_args(argv=None):
     p.add_argument("--small", action="store_true", help="CPU smoke size (T=2, N=8, 2 blocks); timings for ratios only")
     p.add_argument("--out", default=None, help="CSV path (default bench/results/<device>-<arch>[-small].csv)")
     p.add_argument("--no-isolate", action="store_true", help="run the variants in this process (RSS not per variant)")
+    p.add_argument("--no-layers", action="store_true", help="skip the per-layer-shape rounding table")
     p.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--json-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -379,6 +465,12 @@ def main(argv=None) -> None:
     write_csv(rows, out)
     print(format_table(rows))
     print(f"wrote {out}")
+    if not args.no_layers:
+        lrows = bench_layers(args)
+        lout = out.with_name(out.stem + "-layers.csv")
+        write_csv(lrows, lout, LAYER_COLUMNS)
+        print(format_layers(lrows))
+        print(f"wrote {lout}")
 
 
 if __name__ == "__main__":

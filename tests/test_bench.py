@@ -41,3 +41,21 @@ def test_bench_core_writes_csv(qb, tmp_path):
     assert float(ref["rel_err_diff_vs_reference"]) == 0 and float(ref["speedup_vs_reference"]) == 1
     assert float(got[1]["rel_err_diff_vs_reference"]) < 0.5  # gptq: the same procedure as the reference
     assert "reference" in qb.format_table(rows)
+
+
+def test_bench_layers_compares_engines(qb, tmp_path):
+    args = qb.parse_args(["--device", "cpu", "--width", "64", "--image-size", "32", "--group-size", "32",
+                          "--block-size", "32"])
+    rows = qb.bench_layers(args)
+    assert [r["layer"] for r in rows[:-1]] == ["attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight",
+                                               "mlp.c_proj.weight"]
+    assert [(r["d_out"], r["d_in"]) for r in rows[:-1]] == [(192, 64), (64, 64), (256, 64), (64, 256)]
+    assert rows[-1]["per_model"] == 4 * 12  # ViT-B-32 has 12 blocks
+    for r in rows:
+        assert r["plain_seconds"] > 0 and r["fast_seconds"] > 0
+        assert r["codes_identical"] == 1.0 and r["max_abs_diff"] == 0.0  # CPU kernels are bit-identical
+    out = tmp_path / "l.csv"
+    qb.write_csv(rows, out, qb.LAYER_COLUMNS)
+    with open(out, newline="") as f:
+        assert csv.DictReader(f).fieldnames == qb.LAYER_COLUMNS
+    assert "whole model" in qb.format_layers(rows)

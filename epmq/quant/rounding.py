@@ -103,6 +103,7 @@ def gptq(
     static_groups: bool = False,
     damp: float = 0.01,
     block_size: int = 128,
+    engine: str = "fast",
     name: str = "W",
 ) -> QuantResult:
     """Quantize ``W`` (d_out x d_in) to ``bits`` with GPTQ error feedback under Hessian ``H`` (d_in x d_in).
@@ -117,6 +118,9 @@ def gptq(
         static_groups: with groups and act-order, fix all group grids up front.
         damp: relative damping (fraction of mean diag H), raised automatically on a failed Cholesky.
         block_size: lazy-update block width.
+        engine: ``"fast"`` (default): each block's columns in one kernel call (:mod:`epmq.quant.kernels`:
+            numba on CPU, Triton on CUDA, else a torch loop), same results; ``"plain"``: the reference's
+            per-column loop, kept as the baseline and the definition the fast engine is tested against.
         name: used in error messages.
 
     Returns:
@@ -131,6 +135,8 @@ def gptq(
     check_finite(H, f"{name} (Hessian)")
     if block_size < 1:
         raise EPMQError(f"block_size={block_size}: must be positive")
+    if engine not in ("fast", "plain"):
+        raise EPMQError(f"engine={engine!r}: expected 'fast' or 'plain'")
     device = W.device
     W = W.detach().to(torch.float32).clone()
     H = H.detach().to(device=device, dtype=torch.float32).clone()
@@ -165,39 +171,43 @@ def gptq(
         scale, zero = find_params(W, spec)
         scales[:, 0], zeros[:, 0] = scale, zero
 
-    for i1 in range(0, d_in, block_size):
-        i2 = min(i1 + block_size, d_in)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            if group_size != -1:
-                if static is not None:
-                    orig = int(perm[j]) if perm is not None else j
-                    g = orig // gs
-                    scale, zero = static[g]
+    if engine == "fast":
+        _fast_blocks(W, Hinv, spec, gs, block_size, static, perm, scale, zero, Q, codes, losses, scales, zeros,
+                     col_group)
+    else:  # the reference loop, column by column
+        for i1 in range(0, d_in, block_size):
+            i2 = min(i1 + block_size, d_in)
+            W1 = W[:, i1:i2].clone()
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                j = i1 + i
+                if group_size != -1:
+                    if static is not None:
+                        orig = int(perm[j]) if perm is not None else j
+                        g = orig // gs
+                        scale, zero = static[g]
+                    else:
+                        g = j // gs
+                        if j % gs == 0:
+                            # grid of the next group from the error-updated columns (reference semantics)
+                            Wg = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
+                            scale, zero = find_params(Wg, spec)
+                    scales[:, g], zeros[:, g] = scale, zero
+                    col_group[j] = g
                 else:
-                    g = j // gs
-                    if j % gs == 0:
-                        # grid of the next group from the error-updated columns (reference semantics)
-                        Wg = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                        scale, zero = find_params(Wg, spec)
-                scales[:, g], zeros[:, g] = scale, zero
-                col_group[j] = g
-            else:
-                col_group[j] = 0
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            c = quantize_codes(w, scale, zero, spec.maxq)
-            q = dequantize(c, scale, zero)
-            codes[:, j] = c
-            Q[:, j] = q
-            err = (w - q) / d
-            losses += (w - q) ** 2 / d**2 / 2
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+                    col_group[j] = 0
+                w = W1[:, i]
+                d = Hinv1[i, i]
+                c = quantize_codes(w, scale, zero, spec.maxq)
+                q = dequantize(c, scale, zero)
+                codes[:, j] = c
+                Q[:, j] = q
+                err = (w - q) / d
+                losses += (w - q) ** 2 / d**2 / 2
+                W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     g_idx = col_group
     if perm is not None:
@@ -217,3 +227,52 @@ def gptq(
         sym=sym,
         info={"damp": damp_used, "gptq_loss": float(losses.sum())},
     )
+
+
+def _fast_blocks(W, Hinv, spec, gs, block_size, static, perm, scale, zero, Q, codes, losses, scales, zeros,
+                 col_group) -> None:
+    """The block loop of :func:`gptq` with each block's columns done by one kernel call per segment (a block
+    is split where a dynamic group starts, since that group's grid comes from the error-updated weights).
+    Fills ``Q``, ``codes``, ``losses``, ``scales``, ``zeros``, ``col_group`` like the plain loop."""
+    from epmq.quant import kernels
+
+    kern = kernels.block_kernel(kernels.pick(W.device))
+    d_out, d_in = W.shape
+    maxq = float(spec.maxq)
+    grouped = spec.group_size != -1
+    if grouped and static is not None:
+        for g, (s, z) in enumerate(static):
+            scales[:, g], zeros[:, g] = s, z
+        st_s = torch.stack([s for s, _ in static], dim=1)
+        st_z = torch.stack([z for _, z in static], dim=1)
+    for i1 in range(0, d_in, block_size):
+        i2 = min(i1 + block_size, d_in)
+        B = i2 - i1
+        W1 = W[:, i1:i2].contiguous().clone()
+        Hinv1 = Hinv[i1:i2, i1:i2].contiguous()
+        Q1, C1, E1 = (torch.empty_like(W1) for _ in range(3))
+        cols = torch.arange(i1, i2, device=W.device)
+        cuts = [0, B]
+        if not grouped:
+            S1, Z1 = scale[:, None].expand(d_out, B).contiguous(), zero[:, None].expand(d_out, B).contiguous()
+            col_group[i1:i2] = 0
+        elif static is not None:
+            g = (cols if perm is None else perm[i1:i2]) // gs
+            S1, Z1 = st_s[:, g].contiguous(), st_z[:, g].contiguous()
+            col_group[i1:i2] = g
+        else:
+            S1, Z1 = torch.empty_like(W1), torch.empty_like(W1)
+            col_group[i1:i2] = cols // gs
+            cuts = sorted({0, B, *(j - i1 for j in range(i1, i2) if j % gs == 0)})
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            if grouped and static is None:
+                if (i1 + a) % gs == 0:  # a new group: its grid from the error-updated columns (reference)
+                    Wg = torch.cat([W1[:, a:], W[:, i2:]], dim=1)[:, :gs]
+                    scale, zero = find_params(Wg, spec)
+                    g = (i1 + a) // gs
+                    scales[:, g], zeros[:, g] = scale, zero
+                S1[:, a:b] = scale[:, None]
+                Z1[:, a:b] = zero[:, None]
+            kern(W1, Hinv1, S1, Z1, a, b, maxq, Q1, C1, E1, losses)
+        Q[:, i1:i2], codes[:, i1:i2] = Q1, C1
+        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
