@@ -339,10 +339,13 @@ class MiniLMSuite(Suite):
         if idx is not None:
             ids, mask, y = ids[idx], mask[idx], y[idx]
         encoder.eval()
+        # longest first, so each batch is trimmed to similar lengths (less padding); rows go back in order
+        order = torch.argsort(mask.sum(1), descending=True, stable=True)
         out = []
-        for b in self._batches(ids, mask, self.options["eval_batch_size"]):
+        for b in self._batches(ids, mask, self.options["eval_batch_size"], order):
             out.append(F.normalize(mean_pool(encoder(**b).last_hidden_state, b["attention_mask"]), dim=-1))
-        return torch.cat(out), y
+        emb = torch.cat(out)
+        return emb[torch.argsort(order)], y
 
     def _build_head(self, task: str) -> Path:
         self._threads()
