@@ -144,7 +144,7 @@ def setup(args) -> tuple[nn.Module, list[dict], list[list[torch.Tensor]]]:
 @torch.no_grad()
 def reference_gptq(model: nn.Module, calib, args, device) -> list[dict]:
     """The original GPTQ procedure (true-sequential), written out plainly; returns a log row per layer."""
-    from epmq.calibrate import _Capture, _capture_block_inputs, _link_mha_parents, _run_block
+    from epmq.calibrate import _Capture, _capture_block_inputs, _link_mha_parents, _quad, _run_block
     from epmq.models.adapters import get_adapter
     from epmq.quant.rounding import gptq
 
@@ -179,11 +179,8 @@ def reference_gptq(model: nn.Module, calib, args, device) -> list[dict]:
                 res = gptq(W, Hk, args.bits, group_size=args.group_size, damp=args.damp, block_size=args.block_size,
                            engine="plain")
                 s.weight.data.copy_(res.weight.to(s.weight.dtype))
-                dW = (res.weight - W).double()
-                Hd = Hk.double()
-                err = float(torch.einsum("ij,jk,ik->", dW, Hd, dW)) / max(
-                    float(torch.einsum("ij,jk,ik->", W.double(), Hd, W.double())), 1e-30
-                )
+                # the same float32 diagnostic as quantize_model's layer log (so both pay the same for it)
+                err = _quad(res.weight - W, Hk) / max(_quad(W, Hk), 1e-30)
                 layers.append({"layer": prefix + s.name, "seconds": time.perf_counter() - t0, "rel_err_merged": err})
             del H
         inps = [c.with_hidden(_run_block(block, c)) for c in inps]

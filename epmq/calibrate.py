@@ -35,8 +35,8 @@ from epmq.models.adapters import Adapter, Site, get_adapter
 from epmq.precision import DTYPES, autocast
 from epmq.quant import METHODS, QuantMethod
 from epmq.quant.result import QuantResult
-from epmq.quant.rounding import gptq, rtn
-from epmq.quant.target import FoldedStats, TaskStats, objective, solve_target
+from epmq.quant.rounding import gptq, gptq_shared, rtn
+from epmq.quant.target import FoldedStats, TaskStats, solve_target
 
 __all__ = ["QuantConfig", "QuantizeReport", "quantize_model", "collect_stats", "save_stats", "load_stats"]
 
@@ -91,6 +91,10 @@ class QuantizeReport:
 class _StopForward(Exception):
     pass
 
+
+#: round sites that share an input (q/k/v) in one stacked GPTQ call (one Hessian inverse); False rounds each
+#: on its own (same numbers up to float rounding in the lazy block update)
+SHARE_HESSIANS = True
 
 #: largest total size (MiB) of one block's captured expert inputs kept in memory; beyond it, each group
 #: re-runs the expert blocks instead (same numbers, more compute)
@@ -435,8 +439,22 @@ def _fold(engine, cfg, idx, site, per_task: list[dict[str, TaskStats]], use_expe
     return folded
 
 
-def _quantize_site(cfg: QuantConfig, site: Site, full_name: str, folded: FoldedStats | None):
-    """Quantize one site per the method's (target, Hessian, rounding); returns (weight, bias, result, log)."""
+@dataclass
+class _Plan:
+    """One site's quantization problem: what GPTQ/RTN must round (``goal``) under which Hessian."""
+
+    site: Site
+    full: str
+    folded: FoldedStats | None
+    W_m: torch.Tensor
+    target: object
+    goal: torch.Tensor
+    H: torch.Tensor | None
+    log: dict
+    seconds: float
+
+
+def _plan(cfg: QuantConfig, site: Site, full_name: str, folded: FoldedStats | None) -> _Plan:
     spec = cfg.spec
     W_m = site.weight.detach().float()
     b_m = None if site.bias is None else site.bias.detach().float()
@@ -447,47 +465,75 @@ def _quantize_site(cfg: QuantConfig, site: Site, full_name: str, folded: FoldedS
         target = solve_target(
             folded, W_m, b_m, lam_out=cfg.lam_out, lam_w=cfg.lam_w, fit_bias=cfg.fit_bias, name=full_name
         )
-    W_goal = target.W_star if spec.target == "epmq" else W_m
+    goal = target.W_star if spec.target == "epmq" else W_m
     if spec.hessian == "pooled":
         H = folded.G_pool[:-1, :-1]
     elif spec.hessian == "epmq":
         H = target.H
     else:
         H = None
-    kw = dict(group_size=cfg.group_size, sym=cfg.sym, name=full_name)
-    result = None
-    if spec.rounding == "rtn":
-        result = rtn(W_goal, cfg.bits, **kw)
-        Q = result.weight
-    elif spec.rounding == "gptq":
-        result = gptq(
-            W_goal,
-            H,
-            cfg.bits,
-            act_order=cfg.act_order,
-            static_groups=cfg.static_groups,
-            damp=cfg.damp,
-            block_size=cfg.block_size,
-            **kw,
-        )
-        Q = result.weight
-    else:
-        Q = W_goal.float()
-    bias = None
-    if cfg.fit_bias and spec.target == "epmq" and target.b_star is not None:
-        bias = target.refit_bias(Q)
-        if result is not None:
-            result.bias = bias
-    log["seconds"] = time.perf_counter() - t0
-    if folded is not None:
-        G = folded.G_pool[:-1, :-1]
-        dW = (Q - W_m).double()
-        log["rel_err_merged"] = float(torch.einsum("ij,jk,ik->", dW, G, dW)) / max(
-            float(torch.einsum("ij,jk,ik->", W_m.double(), G, W_m.double())), 1e-30
-        )
-        if target is not None:
-            log["epmq_objective"] = objective(Q, target)
-    return Q, bias, result, log
+    return _Plan(site, full_name, folded, W_m, target, goal, H, log, time.perf_counter() - t0)
+
+
+def _quantize_group(cfg: QuantConfig, plans: list[_Plan]):
+    """Round every planned site of a group; yields (plan, weight, bias, result, log) in order.
+
+    Sites fed by the same input (q/k/v) have the same Hessian (E-PMQ's H does not depend on the weights):
+    GPTQ rounds them in one stacked call (:func:`gptq_shared`: one Hessian inverse, one kernel per block)."""
+    spec = cfg.spec
+    kw = dict(group_size=cfg.group_size, sym=cfg.sym)
+    gkw = dict(act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp, block_size=cfg.block_size,
+               **kw)
+    results: dict[int, QuantResult] = {}
+    if spec.rounding == "gptq":
+        buckets: dict[str, list[int]] = {}
+        for i, p in enumerate(plans):
+            buckets.setdefault(p.site.input_key, []).append(i)
+        for idxs in buckets.values():
+            # the same statistics give bitwise-equal Hessians; anything else is rounded on its own
+            shared = [i for i in idxs if torch.equal(plans[i].H, plans[idxs[0]].H)]
+            alone = [i for i in idxs if i not in shared]
+            if SHARE_HESSIANS and len(shared) > 1:
+                t0 = time.perf_counter()
+                out = gptq_shared([plans[i].goal for i in shared], plans[shared[0]].H, cfg.bits,
+                                  name=" + ".join(plans[i].full for i in shared), **gkw)
+                dt = (time.perf_counter() - t0) / len(shared)
+                for i, r in zip(shared, out):
+                    results[i] = r
+                    plans[i].seconds += dt
+            else:
+                alone = idxs
+            for i in alone:
+                t0 = time.perf_counter()
+                results[i] = gptq(plans[i].goal, plans[i].H, cfg.bits, name=plans[i].full, **gkw)
+                plans[i].seconds += time.perf_counter() - t0
+    elif spec.rounding == "rtn":
+        for i, p in enumerate(plans):
+            t0 = time.perf_counter()
+            results[i] = rtn(p.goal, cfg.bits, name=p.full, **kw)
+            p.seconds += time.perf_counter() - t0
+    for i, p in enumerate(plans):
+        result = results.get(i)
+        Q = result.weight if result is not None else p.goal.float()
+        bias = None
+        if cfg.fit_bias and spec.target == "epmq" and p.target.b_star is not None:
+            bias = p.target.refit_bias(Q)
+            if result is not None:
+                result.bias = bias
+        log = p.log
+        log["seconds"] = p.seconds
+        if p.folded is not None:  # diagnostics, in float32 (logs only; float64 cost as much as the solve)
+            G = p.folded.G_pool[:-1, :-1].float()
+            log["rel_err_merged"] = _quad(Q - p.W_m, G) / max(_quad(p.W_m, G), 1e-30)
+            if p.target is not None:
+                log["epmq_objective"] = _quad(Q - p.target.W_star, p.target.H.float())
+        yield p, Q, bias, result, log
+
+
+def _quad(D: torch.Tensor, G: torch.Tensor) -> float:
+    """tr(D G D^T)."""
+    D = D.float()
+    return float(((D @ G) * D).sum())
 
 
 def _write(site: Site, Q: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -556,6 +602,7 @@ def quantize_model(
                     engine.group_stats(idx, group, streams, t, with_expert=use_experts, expert_inputs=expert_inputs)
                     for t in range(len(engine.calib))
                 ]
+            plans = []
             for site in group:
                 full = prefix + site.name
                 folded = None
@@ -566,7 +613,9 @@ def quantize_model(
                         folded = _fold(engine, cfg, idx, site, [{site.input_key: s} for s in stats[full]], use_experts)
                     else:
                         folded = _fold(engine, cfg, idx, site, per_task, use_experts)
-                Q, bias, result, log = _quantize_site(cfg, site, full, folded)
+                plans.append(_plan(cfg, site, full, folded))
+            for plan, Q, bias, result, log in _quantize_group(cfg, plans):
+                site, full = plan.site, plan.full
                 _write(site, Q, bias)
                 if result is not None:
                     report.results[full] = result

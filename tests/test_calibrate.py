@@ -221,6 +221,37 @@ def test_engine_shortcuts_change_nothing(setting, method, monkeypatch):
         assert a["rel_err_merged"] == pytest.approx(b["rel_err_merged"], rel=1e-5, abs=1e-9), a["layer"]
 
 
+@pytest.mark.parametrize("method", ["gptq", "epmq"])
+def test_shared_hessians_change_nothing(setting, method, monkeypatch):
+    """q/k/v (same input, same Hessian) rounded in one stacked GPTQ call give the codes of separate calls
+    (up to float rounding in the lazy block update) and fewer GPTQ calls when the model has such sites."""
+    import epmq.calibrate as C
+
+    name, merged, experts, calib, _ = setting
+    calls = []
+    real_gptq, real_shared = C.gptq, C.gptq_shared
+    monkeypatch.setattr(C, "gptq", lambda *a, **k: calls.append(k.get("name")) or real_gptq(*a, **k))
+    monkeypatch.setattr(C, "gptq_shared", lambda *a, **k: calls.append(k.get("name")) or real_shared(*a, **k))
+    out, n_calls = [], []
+    for share in (True, False):
+        monkeypatch.setattr(C, "SHARE_HESSIANS", share)
+        calls.clear()
+        model = copy.deepcopy(merged)
+        out.append(quantize_model(model, calib, QuantConfig(method=method, bits=3), experts=experts, progress=False))
+        n_calls.append(len(calls))
+    assert out[0].results.keys() == out[1].results.keys()
+    for k in out[0].results:
+        same = (out[0].results[k].codes == out[1].results[k].codes).float().mean()
+        assert same >= 0.999, (k, float(same))
+    for a, b in zip(out[0].layers, out[1].layers):
+        assert a["rel_err_merged"] == pytest.approx(b["rel_err_merged"], rel=1e-4, abs=1e-9), a["layer"]
+    assert n_calls[1] == len(out[1].results)
+    if name == "openclip":  # q/k/v fused into one in_proj: nothing to share
+        assert n_calls[0] == n_calls[1]
+    else:  # q/k/v: one call instead of three, per block
+        assert n_calls[0] == n_calls[1] - 2 * (EXPECTED_SITES[name] // 6)
+
+
 def test_bf16_forwards_close_to_fp32(setting):
     """``forward_dtype='bf16'`` (autocast block forwards, float32 statistics) changes the layer error relative
     to the fp32 path by little, and rejects unknown dtypes."""
@@ -278,3 +309,18 @@ def test_no_autograd_graph_survives_quantization(setting):
     finally:
         C._Engine.expert_pass = real
     assert seen and not any(seen)
+
+
+def test_shared_gptq_results_pack_and_reload(setting, tmp_path):
+    """Results of a stacked (shared-Hessian) GPTQ call own their tensors, so the packed checkpoint saves and
+    reloads bit-exactly."""
+    from epmq.quant.packed import load_quantized, save_quantized
+
+    name, merged, experts, calib, _ = setting
+    model = copy.deepcopy(merged)
+    rep = quantize_model(model, calib, QuantConfig(method="gptq", bits=3), progress=False)
+    save_quantized(model, rep.results, tmp_path, config={"method": "gptq"})
+    back = load_quantized(copy.deepcopy(merged), tmp_path).eval()
+    for k, r in rep.results.items():  # every packed layer dequantizes to the fake-quant weight
+        mod, attr = k.rsplit(".", 1)
+        assert torch.equal(getattr(back.get_submodule(mod), attr).float(), r.weight), k

@@ -25,7 +25,7 @@ from epmq.errors import EPMQError, check_finite
 from epmq.quant.grid import GridSpec, dequantize, find_params, quantize_codes
 from epmq.quant.result import QuantResult
 
-__all__ = ["gptq", "rtn", "inverse_cholesky_upper"]
+__all__ = ["gptq", "gptq_shared", "inverse_cholesky_upper", "rtn"]
 
 
 def _check_weight(W: torch.Tensor, name: str) -> torch.Tensor:
@@ -105,6 +105,7 @@ def gptq(
     block_size: int = 128,
     engine: str = "fast",
     name: str = "W",
+    _row_losses: list | None = None,
 ) -> QuantResult:
     """Quantize ``W`` (d_out x d_in) to ``bits`` with GPTQ error feedback under Hessian ``H`` (d_in x d_in).
 
@@ -215,7 +216,7 @@ def gptq(
         Q, codes, g_idx = Q[:, invperm], codes[:, invperm], col_group[invperm]
     if not torch.isfinite(Q).all():
         raise EPMQError(f"{name}: GPTQ produced non-finite weights (damping {damp_used:g})")
-    return QuantResult(
+    result = QuantResult(
         weight=Q,
         codes=codes.to(torch.int32),
         scales=scales,
@@ -227,6 +228,39 @@ def gptq(
         sym=sym,
         info={"damp": damp_used, "gptq_loss": float(losses.sum())},
     )
+    if _row_losses is not None:
+        _row_losses.append(losses)
+    return result
+
+
+def gptq_shared(weights, H: torch.Tensor, bits: int, *, name: str = "W", **kwargs) -> list[QuantResult]:
+    """GPTQ of several weights that share one Hessian (Linears fed by the same input, e.g. q/k/v): their
+    rows stacked into one call, so the Hessian is inverted once and each block's kernel runs once. GPTQ
+    treats rows independently, so each result equals ``gptq(W_i, H, bits, **kwargs)`` up to float rounding
+    in the lazy block update (a matrix product over more rows). ``kwargs`` are :func:`gptq`'s."""
+    weights = list(weights)
+    if not weights:
+        return []
+    for i, W in enumerate(weights):
+        _check_weight(W, f"{name}[{i}]")
+        if W.shape[1] != weights[0].shape[1]:
+            raise EPMQError(f"{name}: weights sharing a Hessian need the same d_in, got "
+                            f"{[tuple(w.shape) for w in weights]}")
+    losses: list[torch.Tensor] = []
+    res = gptq(torch.cat([W.detach().float() for W in weights]), H, bits, name=name, _row_losses=losses, **kwargs)
+    out, r0 = [], 0
+    for W in weights:
+        rows = slice(r0, r0 + W.shape[0])
+        r0 += W.shape[0]
+        out.append(QuantResult(
+            weight=res.weight[rows].clone(), codes=res.codes[rows].clone(), scales=res.scales[rows].clone(),
+            zeros=res.zeros[rows].clone(),
+            # own copies: tensors sharing storage cannot be saved together (safetensors refuses them)
+            g_idx=res.g_idx.clone(), perm=None if res.perm is None else res.perm.clone(),
+            bits=res.bits, group_size=res.group_size, sym=res.sym,
+            info={"damp": res.info["damp"], "gptq_loss": float(losses[0][rows].sum()), "shared": len(weights)},
+        ))
+    return out
 
 
 def _fast_blocks(W, Hinv, spec, gs, block_size, static, perm, scale, zero, Q, codes, losses, scales, zeros,

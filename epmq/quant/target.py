@@ -198,7 +198,10 @@ def solve_target(
     R = torch.ones(d + 1, dtype=torch.float64, device=Ht.device)
     R[d] = 0.0  # no ridge on the bias
     Ha = Ht + lo * Gp + torch.diag(R * ridge_w)
-    Na = folded.N_task + lo * (Vm @ Gp) + Vm * (R * ridge_w)
+    Na = folded.N_task
+    if lo:  # (the default lam_out = 0 skips a d_out x d^2 float64 product)
+        Na = Na + lo * (Vm @ Gp)
+    Na = Na + Vm * (R * ridge_w)
     if fit_bias:
         V = _solve_right(Na, Ha, name)
         W_star, b_star = V[:, :d], V[:, d]
