@@ -16,6 +16,14 @@ Two propagation modes:
     quantizer, bit width and hyperparameter reuses them (:func:`quantize_model` with ``stats=``).
 
 Expert inputs always come from the expert's own blocks in full precision (the expert is never quantized).
+
+Encoder-decoders (an adapter with several ``stacks``, T5): the blocks are walked stack after stack. At the
+first block of a later stack (the decoder) its inputs are captured again by running the whole model -- the
+one being quantized with its earlier stacks already quantized, and each expert with its full state -- so the
+decoder's inputs, ``encoder_hidden_states`` included, come from the quantized encoder (sequential) or the
+expert's own encoder. Padding is masked per stack (encoder tokens, decoder target positions) and per site
+(cross-attention k/v read encoder positions).
+
 Memory: statistics and hidden states are kept for the current block only; experts may be lazy state-dict
 mappings (e.g. safetensors) and only one expert block is materialised at a time.
 """
@@ -104,48 +112,54 @@ EXPERT_CACHE_MB = 4096
 @dataclass
 class _Call:
     """One captured block call: positional args and kwargs, hidden state in ``args[0]``; ``tokens`` (B, T) bool
-    marks the real (non-padding) positions, None when all are real."""
+    marks the real (non-padding) positions, None when all are real; ``masks``: further named masks of the
+    stack (:attr:`Site.tokens`; T5's decoder: ``"encoder"``), None for single-stack adapters."""
 
     args: tuple
     kwargs: dict
     tokens: torch.Tensor | None = None
+    masks: dict | None = None
 
     @property
     def hidden(self) -> torch.Tensor:
         return self.args[0]
 
     def with_hidden(self, h: torch.Tensor) -> "_Call":
-        return _Call((h, *self.args[1:]), self.kwargs, self.tokens)
+        return _Call((h, *self.args[1:]), self.kwargs, self.tokens, self.masks)
 
-    def real(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The rows of a captured layer input ``x`` (B, T, d) at real token positions: (N, d)."""
-        if self.tokens is None:
+    def real(self, x: torch.Tensor, name: str, which: str | None = None) -> torch.Tensor:
+        """The rows of a captured layer input ``x`` (B, T, d) at real token positions: (N, d). ``which`` names
+        another mask of the call (a site's ``tokens``) for inputs that are not the block's own positions."""
+        tokens = self.tokens if which is None else (self.masks or {}).get(which)
+        if tokens is None:
             return x
-        if tuple(x.shape[:2]) != tuple(self.tokens.shape):
+        if tuple(x.shape[:2]) != tuple(tokens.shape):
             raise EPMQError(f"{name}: input of shape {tuple(x.shape)} does not match the batch's token mask "
-                            f"{tuple(self.tokens.shape)} (batch-first (B, T, d) expected)")
-        return x[self.tokens]
+                            f"{tuple(tokens.shape)} (batch-first (B, T, d) expected)")
+        return x[tokens]
 
 
 def _capture_block_inputs(
-    model: nn.Module, block: nn.Module, adapter: Adapter, batches, device, dtype: torch.dtype | None = None
+    model: nn.Module, block: nn.Module, adapter: Adapter, batches, device, dtype: torch.dtype | None = None,
+    stack: int = 0,
 ) -> list[_Call]:
+    """Run ``model`` on every batch up to ``block`` (the first block of stack ``stack``) and keep its calls."""
     calls: list[_Call] = []
-    tokens = [None]
+    tokens = [(None, None)]
 
     def hook(_mod, args, kwargs):
         if not args:  # hidden state passed by keyword
             key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
             kwargs = dict(kwargs)
             args = (kwargs.pop(key),)
-        calls.append(_Call(tuple(args), dict(kwargs), tokens[0]))
+        calls.append(_Call(tuple(args), dict(kwargs), *tokens[0]))
         raise _StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
             batch = _to(batch, device)
-            tokens[0] = adapter.token_mask(batch)
+            tokens[0] = adapter.stack_masks(batch, stack)
             try:
                 with autocast(device, dtype):
                     adapter.run(model, batch)
@@ -154,7 +168,8 @@ def _capture_block_inputs(
     finally:
         handle.remove()
     if len(calls) != len(batches):
-        raise EPMQError(f"the first block ran {len(calls)} times for {len(batches)} calibration batches")
+        what = "the first block" if stack == 0 else f"the first block of stack {stack}"
+        raise EPMQError(f"{what} ran {len(calls)} times for {len(batches)} calibration batches")
     return calls
 
 
@@ -177,13 +192,28 @@ def _run_block(block: nn.Module, call: _Call, dtype: torch.dtype | None = None) 
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _next_call(adapter: Adapter, block: nn.Module, call: _Call, dtype: torch.dtype | None = None) -> _Call:
+    """Run ``block`` on ``call``; the call of the next block (``adapter.advance`` where more than the hidden
+    state changes from block to block)."""
+    if adapter.advance is None:
+        return call.with_hidden(_run_block(block, call, dtype))
+    with autocast(call.hidden.device, dtype):
+        out = block(*call.args, **call.kwargs)
+    args, kwargs = adapter.advance(call.args, call.kwargs, out)
+    return _Call(tuple(args), dict(kwargs), call.tokens, call.masks)
+
+
 def _state_dict_of(expert) -> Mapping[str, torch.Tensor]:
     return expert.state_dict() if isinstance(expert, nn.Module) else expert
 
 
 def _load_from(module: nn.Module, sd: Mapping[str, torch.Tensor], prefix: str, who: str) -> None:
+    seen: set[int] = set()
     with torch.no_grad():
         for k, p in module.state_dict(keep_vars=True).items():
+            if id(p) in seen:  # a tied weight (T5's embed_tokens = shared): loaded under its first name
+                continue
+            seen.add(id(p))
             key = prefix + k
             try:
                 src = sd[key]
@@ -300,7 +330,12 @@ class _Engine:
         if self.experts is not None and calib and len(self.experts) != len(calib):
             raise EPMQError(f"{len(self.experts)} experts but {len(calib)} calibration tasks: need one per task")
         self.progress, self.desc = progress, desc
-        self.blocks = self.adapter.find_blocks(model)
+        stacks = self.adapter.find_stacks(model)
+        self.blocks = [b for stack in stacks for b in stack]
+        #: block index -> stack number, for the first block of every stack (one stack: {0: 0})
+        self.stack_starts: dict[int, int] = {}
+        for s, stack in enumerate(stacks):
+            self.stack_starts[sum(len(x) for x in stacks[:s])] = s
         for _, b in self.blocks:
             _link_mha_parents(b)
 
@@ -321,6 +356,28 @@ class _Engine:
                 self.work = work
         return _Streams(mine, theirs)
 
+    def starts_stack(self, idx: int) -> bool:
+        """Whether block ``idx`` opens a stack after the first (T5: the decoder's first block)."""
+        return idx > 0 and idx in self.stack_starts
+
+    def enter_stack(self, idx: int, streams: _Streams, with_expert: bool) -> None:
+        """Replace the streams by the inputs of block ``idx``, the first of a later stack, captured by running
+        the whole model: the one being quantized as it is now (its earlier stacks quantized: sequential
+        propagation) and, with ``with_expert``, each expert with its full state loaded."""
+        s = self.stack_starts[idx]
+        block = self.blocks[idx][1]
+        with torch.no_grad():
+            streams.model = [_capture_block_inputs(self.model, block, self.adapter, b, self.device, self.dtype, s)
+                             for b in self.calib]
+            if with_expert:
+                work_block = self.adapter.find_blocks(self.work)[idx][1]
+                theirs = []
+                for t, (sd, batches) in enumerate(zip(self.experts, self.calib)):
+                    _load_from(self.work, sd, "", f"expert {t}")
+                    theirs.append(_capture_block_inputs(self.work, work_block, self.adapter, batches, self.device,
+                                                        self.dtype, s))
+                streams.expert = theirs
+
     def expert_block(self, idx: int, t: int) -> nn.Module:
         prefix, _ = self.blocks[idx]
         block = self.adapter.find_blocks(self.work)[idx][1]
@@ -340,11 +397,12 @@ class _Engine:
         for t, calls in enumerate(streams.expert):
             eb = self.expert_block(idx, t)
             sites = [s for g in self.adapter.find_linears(eb) for s in g]
+            which = {s.input_key: s.tokens for s in sites}
             caps, moved = [], []
             for call in calls:
                 with _Capture(sites) as cap:
-                    moved.append(call.with_hidden(_run_block(eb, call, self.dtype)))
-                caps.append({k: call.real(x, f"expert {t} {k}") for k, x in cap.inputs.items()})
+                    moved.append(_next_call(self.adapter, eb, call, self.dtype))
+                caps.append({k: call.real(x, f"expert {t} {k}", which[k]) for k, x in cap.inputs.items()})
                 if len(caps) == 1 and t == 0:
                     per_call = sum(x.numel() * x.element_size() for x in cap.inputs.values())
                     if per_call * total_calls > EXPERT_CACHE_MB * 2**20:
@@ -385,10 +443,10 @@ class _Engine:
                             _run_block(eblock, ecall, self.dtype)
                         except _StopForward:
                             pass
-                    xe = {k: ecall.real(x, f"expert {t} {k}") for k, x in ecap.inputs.items()}
+                    xe = {k: ecall.real(x, f"expert {t} {k}", keys[k].tokens) for k, x in ecap.inputs.items()}
                 for k in keys:
                     name = f"{self.blocks[idx][0]}{keys[k].name} task {t}"
-                    x = call.real(cap.inputs[k], name)
+                    x = call.real(cap.inputs[k], name, keys[k].tokens)
                     stats[k].add(x, xe.get(k) if with_expert else None, name=name)
         return stats
 
@@ -397,12 +455,12 @@ class _Engine:
         block = self.blocks[idx][1]
         with torch.no_grad():
             for t, calls in enumerate(streams.model):
-                streams.model[t] = [c.with_hidden(_run_block(block, c, self.dtype)) for c in calls]
+                streams.model[t] = [_next_call(self.adapter, block, c, self.dtype) for c in calls]
                 check_finite(streams.model[t][0].hidden, f"hidden state after {self.blocks[idx][0]}")
             if with_expert:
                 for t, calls in enumerate(streams.expert):
                     eb = self.expert_block(idx, t)
-                    streams.expert[t] = [c.with_hidden(_run_block(eb, c, self.dtype)) for c in calls]
+                    streams.expert[t] = [_next_call(self.adapter, eb, c, self.dtype) for c in calls]
 
     def bar(self):
         from tqdm.auto import tqdm
@@ -463,7 +521,8 @@ def _plan(cfg: QuantConfig, site: Site, full_name: str, folded: FoldedStats | No
     target = None
     if spec.target == "epmq" or spec.hessian == "epmq":
         target = solve_target(
-            folded, W_m, b_m, lam_out=cfg.lam_out, lam_w=cfg.lam_w, fit_bias=cfg.fit_bias, name=full_name
+            folded, W_m, b_m, lam_out=cfg.lam_out, lam_w=cfg.lam_w, name=full_name,
+            fit_bias=cfg.fit_bias and b_m is not None,  # a bias-free Linear (T5) keeps its architecture
         )
     goal = target.W_star if spec.target == "epmq" else W_m
     if spec.hessian == "pooled":
@@ -593,6 +652,8 @@ def quantize_model(
     streams = engine.streams() if sequential else None
     for idx in engine.bar():
         prefix, block = engine.blocks[idx]
+        if sequential and engine.starts_stack(idx):  # T5's decoder: its inputs come from the whole model
+            engine.enter_stack(idx, streams, with_expert=use_experts)
         # the experts' inputs of this block, captured once for all groups (None: recompute per group)
         expert_inputs = engine.expert_pass(idx, streams) if (sequential and use_experts) else None
         for group in engine.adapter.find_linears(block):
@@ -622,7 +683,7 @@ def quantize_model(
                 if bias is not None:
                     report.biases[prefix + site.bias_name] = bias
                 report.layers.append(log)
-        if sequential:
+        if sequential and not engine.starts_stack(idx + 1):  # a next stack re-captures its own inputs
             engine.propagate(idx, streams, with_expert=use_experts and expert_inputs is None)
     report.seconds = time.perf_counter() - t_start
     return report
@@ -646,12 +707,15 @@ def collect_stats(
     out: dict[str, list[TaskStats]] = {}
     for idx in engine.bar():
         prefix, block = engine.blocks[idx]
+        if engine.starts_stack(idx):
+            engine.enter_stack(idx, streams, with_expert)
         sites = [s for g in engine.adapter.find_linears(block) for s in g]
         expert_inputs = engine.expert_pass(idx, streams) if with_expert else None
         per_task = [engine.group_stats(idx, sites, streams, t, with_expert, expert_inputs) for t in range(len(calib))]
         for s in sites:
             out[prefix + s.name] = [pt[s.input_key] for pt in per_task]
-        engine.propagate(idx, streams, with_expert and expert_inputs is None)
+        if not engine.starts_stack(idx + 1):
+            engine.propagate(idx, streams, with_expert and expert_inputs is None)
     return out
 
 

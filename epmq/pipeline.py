@@ -184,8 +184,10 @@ def merge(spec: dict, merge_id: str, method: str, params: dict, select: dict, ou
     trials = []
     best = None
     candidates = _candidates(select)
+    # a suite may merge other keys than the default (t5-glue merges lm_head too, as FusionBench does)
+    extra = {"exclude": suite.merge_exclude} if getattr(suite, "merge_exclude", None) is not None else {}
     for cand in candidates:
-        sd = merge_state_dicts(base, experts, method, **{**params, **cand})
+        sd = merge_state_dicts(base, experts, method, **extra, **{**params, **cand})
         trial = {"params": cand}
         if len(candidates) > 1:
             recs = suite.evaluate_all(_encoder(suite, sd), split="validation")
@@ -206,8 +208,11 @@ def merge(spec: dict, merge_id: str, method: str, params: dict, select: dict, ou
 
 
 def _encoder(suite, sd):
+    from epmq.models.sources import tied_aliases
+
     enc = suite.new_encoder()
     missing, unexpected = enc.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k not in tied_aliases(enc)]  # tied copies (T5's embed_tokens) are loaded
     if missing or unexpected:
         raise EPMQError(f"{suite.name}: merged state dict mismatch (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]})")
@@ -287,7 +292,10 @@ def quantize(spec: dict, merged, calib, qcfg: dict, out, *, seed: int | None = N
         torch.cuda.reset_peak_memory_stats(dev)
     rep = quantize_model(model, batches, cfg, experts=experts, adapter=suite.adapter, device=dev,
                          progress=_isatty())
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    from epmq.models.sources import unique_state_dict
+
+    # without tied copies (T5's embed_tokens = shared): safetensors stores no shared tensors
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in unique_state_dict(model).items()}
     for k, v in sd.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise EPMQError(f"quantized weight {k} has NaN/Inf ({cfg.method}, {cfg.bits} bits)")

@@ -1,4 +1,5 @@
-"""The layer-wise calibration engine on tiny open_clip ViT, HF CLIP vision and BERT models with 3 experts."""
+"""The layer-wise calibration engine on tiny open_clip ViT, HF CLIP vision, BERT and T5 (encoder-decoder) models
+with 3 experts."""
 
 import copy
 
@@ -82,8 +83,36 @@ def _hf_clip():
     return CLIPVisionModel(cfg).eval()
 
 
+def _t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                   feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def _t5_tasks(n_batches=2, bs=8, seed=0):
+    """Teacher-forcing batches: each task its own input vocabulary, 10-token targets, padding on both sides."""
+    g = torch.Generator().manual_seed(seed)
+    tasks = []
+    for t in range(T):
+        batches = []
+        for _ in range(n_batches):
+            ids = torch.randint(2 + 20 * t, 22 + 20 * t, (bs, 10), generator=g)
+            mask = torch.ones_like(ids)
+            mask[: bs // 2, 7:] = 0
+            labels = torch.randint(2, 64, (bs, 10), generator=g)
+            labels[: bs // 3, 7:] = -100
+            batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+        tasks.append(batches)
+    return tasks
+
+
 def _output(model, batch):
     out = get_adapter(model).run(model, batch)
+    if hasattr(out, "logits"):  # T5: the LM logits
+        return out.logits
     if hasattr(out, "last_hidden_state"):
         return out.last_hidden_state
     return out
@@ -100,8 +129,13 @@ SUITES = {
     "openclip": (_vit, _image_tasks, 16),  # 2 blocks x (in_proj, out_proj, c_fc, c_proj) = 8 weights
     "bert": (_bert, _text_tasks, 12),
     "hf_clip": (_hf_clip, _image_tasks, 12),
+    # per encoder block q k v o wi_0 wi_1 wo, per decoder block + cross-attention q k v o
+    "t5": (_t5, _t5_tasks, 36),
 }
-EXPECTED_SITES = {"openclip": 8, "bert": 12, "hf_clip": 12}
+EXPECTED_SITES = {"openclip": 8, "bert": 12, "hf_clip": 12, "t5": 2 * 7 + 2 * 11}
+#: GPTQ calls saved per model by rounding same-input sites together: q/k/v (-2 per attention), T5's gated
+#: wi_0/wi_1 (-1 per block) and cross-attention k/v (-1 per decoder block)
+SHARED_SAVINGS = {"openclip": 0, "bert": 4, "hf_clip": 4, "t5": 2 * 3 + 2 * 4}
 
 
 @pytest.fixture(scope="module", params=sorted(SUITES))
@@ -150,7 +184,10 @@ def test_ablations_and_bias_refit(setting):
     assert errs["epmq_unrounded"] < _expert_error(merged, experts, held_out)
     model = copy.deepcopy(merged)
     report = quantize_model(model, calib, QuantConfig(method="epmq", bits=3, fit_bias=True), experts=experts, progress=False)
-    assert report.biases and all(torch.isfinite(b).all() for b in report.biases.values())
+    if name == "t5":  # bias-free Linears: nothing to refit, the architecture stays as it is
+        assert not report.biases and all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Linear))
+    else:
+        assert report.biases and all(torch.isfinite(b).all() for b in report.biases.values())
 
 
 def test_fp_stats_artefact_roundtrip(setting, tmp_path):
@@ -246,10 +283,8 @@ def test_shared_hessians_change_nothing(setting, method, monkeypatch):
     for a, b in zip(out[0].layers, out[1].layers):
         assert a["rel_err_merged"] == pytest.approx(b["rel_err_merged"], rel=1e-4, abs=1e-9), a["layer"]
     assert n_calls[1] == len(out[1].results)
-    if name == "openclip":  # q/k/v fused into one in_proj: nothing to share
-        assert n_calls[0] == n_calls[1]
-    else:  # q/k/v: one call instead of three, per block
-        assert n_calls[0] == n_calls[1] - 2 * (EXPECTED_SITES[name] // 6)
+    # openclip: q/k/v fused into one in_proj, nothing to share; else q/k/v: one call instead of three, per block
+    assert n_calls[0] == n_calls[1] - SHARED_SAVINGS[name]
 
 
 def test_bf16_forwards_close_to_fp32(setting):

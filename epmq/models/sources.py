@@ -10,7 +10,10 @@ FLAN-T5 loaders the online settings use (see ``design/DATA.md``, "Online").
   transformers >= 5 ``CLIPVisionModel`` (``embeddings.*``, ``pre_layrnorm.*``, ``encoder.layers.*``,
   ``post_layernorm.*``); :func:`load_clip_vision` builds the model and loads them strictly.
 * :func:`openclip_visual_keys` / :func:`load_openclip_visual` do the same for open_clip's
-  ``VisionTransformer``; :func:`load_t5` / :func:`t5_linear_names` for ``T5ForConditionalGeneration``.
+  ``VisionTransformer``; :func:`load_t5` / :func:`t5_linear_names` for ``T5ForConditionalGeneration``
+  (:func:`build_t5` / :func:`load_t5_weights`: the same from a config dict and a state dict).
+* :func:`unique_state_dict` drops the keys of tied weights (T5's ``embed_tokens`` = ``shared``), which
+  safetensors cannot store twice; :func:`tied_aliases` names them.
 * :func:`check_expert` checks that an expert's state dict matches its base key for key and shape.
 
 torch, transformers and huggingface_hub are imported inside the functions, so importing this module is cheap.
@@ -584,6 +587,56 @@ def load_t5(source_or_dir, *, weights=None):
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
     return _load_strict(model, sd, who)
+
+
+def _t5_untie_head(model) -> None:
+    """Give ``lm_head`` a parameter of its own (a copy of ``shared.weight``) where transformers tied it."""
+    from torch import nn
+
+    if model.get_parameter("lm_head.weight") is model.get_parameter(T5_SHARED):
+        model.lm_head.weight = nn.Parameter(model.shared.weight.detach().clone())
+        tied = getattr(model, "all_tied_weights_keys", None)
+        if isinstance(tied, dict):
+            tied.pop("lm_head.weight", None)
+
+
+def build_t5(config: Mapping):
+    """A ``T5ForConditionalGeneration`` (random weights, eval mode) for a ``config.json`` dict, its head untied
+    when the config describes an untied one (FLAN-T5, :func:`t5_head_tied`) -- the architecture
+    :func:`load_t5` would load into."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    if config.get("model_type") not in (None, "t5"):
+        raise EPMQError(f"model_type '{config.get('model_type')}' is not t5")
+    model = T5ForConditionalGeneration(T5Config.from_dict(dict(config)))
+    if not t5_head_tied(config):
+        _t5_untie_head(model)
+    return model.eval()
+
+
+def load_t5_weights(model, weights, who: str, *, head_tied: bool):
+    """Load ``weights`` (file, folder or state dict; tied keys may be omitted, see :func:`load_t5`) strictly
+    into ``model`` (from :func:`build_t5`); keys or shapes that differ raise :class:`EPMQError` naming ``who``."""
+    sd = _t5_fill_tied(model, _state_dict(weights), head_tied, who)
+    return _load_strict(model, sd, who)
+
+
+def tied_aliases(model) -> set[str]:
+    """State-dict keys of ``model`` that name a tensor an earlier key already names (tied weights: T5's
+    ``encoder/decoder.embed_tokens.weight`` = ``shared.weight``)."""
+    seen, out = set(), set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) in seen:
+            out.add(k)
+        seen.add(id(v))
+    return out
+
+
+def unique_state_dict(model) -> dict:
+    """``model.state_dict()`` without :func:`tied_aliases` (safetensors stores no shared tensors; loaders of
+    tied architectures refill them). Models without tied weights: the whole state dict."""
+    drop = tied_aliases(model)
+    return {k: v for k, v in model.state_dict().items() if k not in drop}
 
 
 def t5_linear_names(model) -> list[str]:

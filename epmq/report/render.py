@@ -85,7 +85,7 @@ def csv_rows(runs: list[dict]) -> list[dict]:
                     "n_calib": r["n_calib"],
                     "split": rec.get("split") or r["split"],
                     "task": task,
-                    "metric": "accuracy",
+                    "metric": rec.get("metric") or "accuracy",  # t5-glue's STS-B: spearman
                     "value": rec["accuracy"],
                     "stderr": rec["stderr"],
                     "n": rec["n"],

@@ -17,6 +17,9 @@ from epmq.report.names import MODEL_ORDER, compact_json, variant_str
 SCHEMA = 1
 _COST_KEYS = ("quantize_seconds", "peak_rss_mb", "gpu_mb")
 _MISSING = {"", "-", "NA", "na", "NaN", "nan", "None"}
+#: a task record whose ``metric`` is one of these carries a correlation x 100 in ``accuracy`` (t5-glue's STS-B:
+#: Spearman), so its range is [-100, 100]
+CORRELATION_METRICS = ("spearman", "pearson", "matthews_corr")
 
 
 def _fail(source: str, msg: str):
@@ -54,12 +57,13 @@ def _task_record(name, rec, source: str) -> dict:
     if "accuracy" not in rec:
         _fail(source, f"{where}: missing key 'accuracy'")
     acc = rec["accuracy"]
-    if not _is_num(acc) or not 0.0 <= acc <= 100.0:
-        _fail(source, f"{where}.accuracy={acc!r}: expected a percentage in [0, 100]")
+    low = -100.0 if rec.get("metric") in CORRELATION_METRICS else 0.0  # a correlation x 100 may be negative
+    if not _is_num(acc) or not low <= acc <= 100.0:
+        _fail(source, f"{where}.accuracy={acc!r}: expected a percentage in [{low:g}, 100]")
     n = _opt(rec, "n", source, lambda x: _is_int(x) and x > 0, "a positive integer")
     correct = _opt(rec, "correct", source, lambda x: _is_int(x) and x >= 0, "a non-negative integer")
     se = _opt(rec, "stderr", source, lambda x: _is_num(x) and x >= 0, "a non-negative number")
-    if se is None and n is not None:  # binomial standard error, as epmq.evaluate.accuracy_record computes it
+    if se is None and n is not None and low == 0.0:  # binomial standard error, as accuracy_record computes it
         p = acc / 100.0
         se = 100.0 * math.sqrt(p * (1 - p) / n)
     out = dict(rec)

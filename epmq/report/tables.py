@@ -305,6 +305,12 @@ def methodology(runs: list[dict], *, quoted: bool = False) -> list[tuple]:
                 "with `origin` = `quoted`.",
             )
         )
+    other = sorted({(r["suite"], t, rec["metric"]) for r in runs for t, rec in r["tasks"].items()
+                    if rec.get("metric") not in (None, "accuracy")})
+    if other:  # t5-glue: STS-B's cell is Spearman's rho x 100 (FusionBench's metric), averaged like the others
+        extra.append(("Other metrics", "these cells hold another metric (× 100) in place of accuracy, enter Avg "
+                      "like the others and carry their own standard error: "
+                      + "; ".join(f"{s} {t}: {m}" for s, t, m in other) + "."))
     return [
         (
             "Metric",

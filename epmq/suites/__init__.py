@@ -8,6 +8,7 @@ SUITES: dict[str, str] = {
     "tiny-vit": "epmq.suites.tiny_vit:TinyViTSuite",
     "minilm": "epmq.suites.minilm:MiniLMSuite",
     "clip": "epmq.suites.clip:ClipSuite",
+    "t5-glue": "epmq.suites.glue_t5:T5GlueSuite",
 }
 
 #: each suite's default task list (the suites' ``DEFAULTS["tasks"]``; a test keeps them equal), readable
@@ -17,6 +18,8 @@ DEFAULT_TASKS: dict[str, tuple[str, ...]] = {
     "minilm": ("tweet_sentiment", "spam", "fine_food", "tweet_device"),
     # the paper's 8 CLIP tasks (epmq.tasks.clip.TASKS_8)
     "clip": ("sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"),
+    # FLAN-T5-base's 8 GLUE tasks (epmq.tasks.glue.GLUE_TASKS)
+    "t5-glue": ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb"),
 }
 
 

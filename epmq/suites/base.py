@@ -7,6 +7,8 @@ data versions), written atomically, so that pretraining and fine-tuning run once
 
 The merged and quantized objects are always the *encoder* (the module an adapter of
 :mod:`epmq.models.adapters` recognises); heads stay in full precision, one per task, and are never merged.
+A text-to-text suite (``t5-glue``) has no heads: its "encoder" is the whole seq2seq model, whose own LM head
+generates the answers, and :meth:`Suite.head` returns None.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ class Suite(ABC):
     name: str
     tasks: tuple[str, ...]
     adapter: str  # name in epmq.models.adapters.ADAPTERS
+    #: regexes of state-dict keys the merge copies from the base; None: epmq.merge.driver.DEFAULT_EXCLUDE
+    merge_exclude: tuple[str, ...] | None = None
 
     def __init__(self, cache_dir: str | Path, *, seed: int = 0, **options):
         self.cache_dir = Path(cache_dir)
@@ -70,7 +74,8 @@ class Suite(ABC):
 
     @abstractmethod
     def head(self, task: str):
-        """The frozen head of ``task`` (an ``nn.Module`` mapping encoder outputs to class logits)."""
+        """The frozen head of ``task`` (an ``nn.Module`` mapping encoder outputs to class logits), or None for a
+        suite without heads (text-to-text)."""
 
     # -- data ---------------------------------------------------------------------------------------------
     @abstractmethod

@@ -28,7 +28,7 @@ wildcard_constraints:
 
 
 # suites whose evaluation needs an accelerator (the embedded suites evaluate on CPU)
-GPU_EVAL_SUITES = {"clip"}
+GPU_EVAL_SUITES = {"clip", "t5-glue"}
 
 
 def eval_gpus(wildcards):

@@ -1,0 +1,696 @@
+"""``t5-glue``: the paper's language setting -- FLAN-T5-base fine-tuned into eight GLUE experts (FusionBench),
+merged, and the merged seq2seq model quantized; every task scored text-to-text. Needs internet once
+(:meth:`T5GlueSuite.prefetch`); everything after that reads caches only.
+
+Models
+    ``base`` (hub id or local folder of a transformers ``T5ForConditionalGeneration``, default
+    ``google/flan-t5-base``) and one expert per task (default ``tanganke/flan-t5-base_glue-{task}``, FusionBench's
+    fully fine-tuned experts), loaded with :func:`epmq.models.sources.load_t5` (safetensors, or ``.bin`` through
+    ``torch.load(weights_only=True)``; tied keys a checkpoint omits are refilled, FLAN-T5's untied ``lm_head``
+    is kept as its own weight). The "encoder" object of :class:`~epmq.suites.base.Suite` is the *whole*
+    ``T5ForConditionalGeneration``: merging acts on every weight, ``lm_head`` and ``shared`` included
+    (:attr:`T5GlueSuite.merge_exclude` is empty: FusionBench merges the whole state dict); quantization acts on
+    the encoder and decoder Linears only -- self-attention q/k/v/o, cross-attention q/k/v/o, FFN
+    ``wi``/``wi_0``/``wi_1``/``wo`` (adapter ``t5``: encoder blocks, then decoder blocks) -- while embeddings,
+    layer norms, relative attention biases and ``lm_head`` stay in full precision. Stored state dicts hold every
+    tensor once (``encoder/decoder.embed_tokens.weight`` are ``shared.weight``:
+    :func:`~epmq.models.sources.unique_state_dict`).
+
+Heads
+    None: the LM head is part of the model and the answer is generated text. :meth:`T5GlueSuite.head`
+    returns None and no ``heads/`` files are written.
+
+Evaluation (``evaluate``; prompts, label words and scoring in :mod:`epmq.tasks.glue`)
+    Greedy decoding (``num_beams=1``, no sampling), at most ``max_new_tokens`` (9: FusionBench's
+    ``generate(max_length=10)`` counts the decoder start token), inputs truncated to ``max_source_length``
+    tokens (512, the tokenizer's limit FusionBench truncates at), batches of ``eval_batch_size`` examples in
+    order of decreasing input length (deterministic; results are mapped back to the dataset order). The
+    generated text is compared with the label word after ``strip().lower()``. The number each task reports in
+    its record's ``accuracy`` field (the leaderboard's cell; the record's ``metric`` says which) follows
+    FusionBench's GLUE protocol: **exact-match accuracy (%)** for CoLA, MNLI, MRPC, QNLI, QQP, RTE and SST-2,
+    and **Spearman's rho x 100** between the generated number and the gold similarity for STS-B (a
+    generation without a number counts as 0.0, as in FusionBench; constant predictions, where rho is
+    undefined, report 0). Records also carry ``invalid`` (answers that are no label word), CoLA's Matthews
+    correlation (x 100) and STS-B's Pearson (x 100) and ``unparsed`` count. Standard errors: binomial for
+    accuracies; for Spearman the Fisher-z approximation (1 - rho^2) sqrt((1 + rho^2 / 2) / (n - 3)) (Bonett &
+    Wright, 2000), x 100.
+
+Data (HF ``nyu-mll/glue``, config = task; ``datasets={task: folder}`` reads ``save_to_disk`` copies of the same
+schema: the task's text columns + ``label``, with the hub's split names)
+    * ``test`` (reported): GLUE's ``validation`` split (MNLI: ``validation_matched``), as the paper and
+      FusionBench report -- GLUE's test labels are hidden; ``max_test`` keeps the first N rows of a seeded
+      permutation.
+    * ``validation`` (merge-hyperparameter selection): ``n_val`` rows carved from GLUE ``train`` by a seeded
+      permutation; ``train`` (the calibration pool): the next ``calib_pool`` rows of the same permutation,
+      disjoint from validation; :meth:`T5GlueSuite.calibration_batches` draws ``n`` of them per seed.
+    Each split is formatted with the task's prompt and tokenized ONCE with the base's tokenizer (inputs with
+    EOS, truncated; targets = :func:`~epmq.tasks.glue.target_text` + EOS) and cached as ragged int32 tensors
+    (flat ids + offsets) with gold labels and source row indices.
+
+Calibration batches (what adapter ``t5`` runs, teacher-forced)
+    ``{"input_ids", "attention_mask", "labels"}``, each batch padded to its longest example, ``labels`` padded
+    with -100; batches in order of input length. The encoder's statistics skip padded input tokens, the
+    decoder's skip positions without a target (labels = -100), cross-attention k/v skip padded encoder tokens.
+
+Downloads (``prefetch``): the base (``model.safetensors`` ~1 GB: 248M parameters in float32, + tokenizer) and 8
+experts (about 1 GB each) into the HF cache through ``huggingface_hub``; the 8 GLUE configs of
+``nyu-mll/glue`` (a few hundred MB of parquet in all) through ``datasets``. Offline
+(``HF_HUB_OFFLINE=1`` / ``HF_DATASETS_OFFLINE=1``) ``prefetch`` only checks the caches and raises ONE error
+listing everything missing.
+
+Cache layout under ``cache_dir`` (metadata = the artefact's path ``.with_suffix(".json")``)::
+
+    base.safetensors            base.json      # base state dict (tied copies dropped); its config.json, sources
+    experts/<task>.safetensors  experts/<task>.json
+    data/<task>/{test,validation,train}.safetensors  # tokenized prompts and targets, labels, source rows
+
+Every file is written atomically; an artefact whose recorded sources differ from the options is rebuilt.
+
+CLI::
+
+    python -m epmq.suites.glue_t5 fetch --cache DIR [--set k=v ...]   # downloads + tokenization (internet)
+    python -m epmq.suites.glue_t5 build --cache DIR [--set k=v ...]   # base/experts table on the test split
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+
+from epmq.errors import EPMQError
+from epmq.evaluate import accuracy_record
+from epmq.io import save_safetensors_atomic, write_json_atomic
+from epmq.suites.base import Suite, parse_set_options
+from epmq.suites.clip import (
+    _datasets_offline_mode,
+    _first_line,
+    _isatty,
+    _revision,
+    datasets_offline,
+    hub_offline,
+)
+from epmq.tasks.glue import GLUE_TASKS, format_example, get_glue_task, score, target_text
+
+#: options and their defaults (the paper's FLAN-T5-base GLUE setting).
+DEFAULTS = {
+    "base": "google/flan-t5-base",
+    "experts": "tanganke/flan-t5-base_glue-{task}",  # format string with {task}, or {task: source}
+    "tasks": GLUE_TASKS,
+    "datasets": None,  # {task: local save_to_disk folder (a DatasetDict with the hub's split names)}
+    "max_source_length": 512,  # input truncation (tokens, EOS included)
+    "max_new_tokens": 9,  # greedy decoding budget (FusionBench: generate(max_length=10))
+    "n_val": 256,  # validation rows carved from train (seeded)
+    "calib_pool": 1024,  # train rows (disjoint from validation) tokenized for calibration draws
+    "max_test": None,  # cap on each reported split (None: all)
+    "eval_batch_size": 64,
+    "precision": "fp32",  # evaluation autocast: fp32 | bf16 | fp16
+    "device": "auto",
+    "threads": None,
+    "progress": None,  # None: when stderr is a TTY
+    "data_dir": None,  # datasets cache_dir (None: the HF datasets cache)
+}
+FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "bf16", "fp16")
+SPLITS = ("test", "validation", "train")
+IGNORE_INDEX = -100
+LABEL_COLUMN = "label"
+_DATA_KEY = "epmq_data"
+
+
+class T5GlueSuite(Suite):
+    """The ``t5-glue`` suite; options (constructor keywords) are listed in :data:`DEFAULTS` and the module doc."""
+
+    name = "t5-glue"
+    adapter = "t5"
+    #: keys the merge leaves at the base's value: none (``lm_head`` is merged, as FusionBench merges the whole
+    #: state dict; the default exclusion list of :mod:`epmq.merge.driver` would keep the base's ``lm_head``)
+    merge_exclude: tuple[str, ...] = ()
+
+    def __init__(self, cache_dir, *, seed: int = 0, **options):
+        unknown = sorted(set(options) - set(DEFAULTS))
+        if unknown:
+            raise EPMQError(f"t5-glue suite: unknown option(s) {unknown}; expected some of {sorted(DEFAULTS)}")
+        super().__init__(cache_dir, seed=seed, **options)
+        cfg = {**DEFAULTS, **options}
+        if cfg["precision"] not in PRECISIONS:
+            raise EPMQError(f"t5-glue suite: precision={cfg['precision']!r}: expected one of {list(PRECISIONS)}")
+        tasks = (cfg["tasks"],) if isinstance(cfg["tasks"], str) else tuple(cfg["tasks"])
+        if not tasks or len(set(tasks)) != len(tasks):
+            raise EPMQError(f"t5-glue suite: tasks={list(tasks)!r}: expected a non-empty list without repeats")
+        for t in tasks:
+            if get_glue_task(t).name != t:
+                raise EPMQError(f"t5-glue suite: task {t!r}: use the registry's spelling {get_glue_task(t).name!r}")
+        cfg["tasks"] = tasks
+        for key, low in (("max_source_length", 2), ("max_new_tokens", 1), ("n_val", 1), ("calib_pool", 1),
+                         ("eval_batch_size", 1)):
+            v = cfg[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise EPMQError(f"t5-glue suite: {key}={v!r}: expected an integer >= {low}")
+        mt = cfg["max_test"]
+        if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
+            raise EPMQError(f"t5-glue suite: max_test={mt!r}: expected None or an integer >= 1")
+        ex = cfg["experts"]
+        if isinstance(ex, Mapping):
+            absent = [t for t in tasks if t not in ex]
+            if absent:
+                raise EPMQError(f"t5-glue suite: experts has no source for task(s) {absent}")
+        elif not isinstance(ex, str) or ("{task}" not in ex and len(tasks) > 1):
+            raise EPMQError(f"t5-glue suite: experts={ex!r}: expected a format string with '{{task}}' or a dict")
+        ds = cfg["datasets"]
+        if ds is not None and not isinstance(ds, Mapping):
+            raise EPMQError(f"t5-glue suite: datasets={ds!r}: expected a dict task -> local dataset folder")
+        self.cfg = cfg
+        self.tasks = tasks
+        self._base_sd = None
+        self._tok = None
+        self._device_cache = None
+        if cfg["threads"]:
+            import torch
+
+            torch.set_num_threads(int(cfg["threads"]))
+
+    # -- paths ----------------------------------------------------------------------------------------------
+    @property
+    def base_path(self) -> Path:
+        return self.cache_dir / "base.safetensors"
+
+    def head_path(self, task: str) -> Path:
+        """Never written: this suite has no heads (the LM head is part of the model)."""
+        return self.cache_dir / "heads" / f"{task}.safetensors"
+
+    def expert_path(self, task: str) -> Path:
+        return self.cache_dir / "experts" / f"{task}.safetensors"
+
+    def data_path(self, task: str, split: str) -> Path:
+        return self.cache_dir / "data" / task / f"{split}.safetensors"
+
+    def _check_task(self, task: str) -> None:
+        if task not in self.tasks:
+            raise EPMQError(f"task={task!r}: not a task of this t5-glue suite (tasks: {list(self.tasks)})")
+
+    def config(self) -> dict:
+        cfg = dict(self.cfg)
+        cfg["tasks"] = list(cfg["tasks"])
+        for k in ("experts", "datasets"):
+            if isinstance(cfg[k], Mapping):
+                cfg[k] = {t: str(v) for t, v in cfg[k].items()}
+        return {"suite": self.name, "format": FORMAT_VERSION, "seed": self.seed, **cfg}
+
+    def expert_source(self, task: str) -> str:
+        ex = self.cfg["experts"]
+        return str(ex[task]) if isinstance(ex, Mapping) else ex.format(task=task)
+
+    def model_sources(self) -> list[str]:
+        """Every model source this suite reads (base, then the experts), in order."""
+        return [str(self.cfg["base"])] + [self.expert_source(t) for t in self.tasks]
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    def device(self):
+        if self._device_cache is None:
+            from epmq.device import resolve
+
+            self._device_cache = resolve(str(self.cfg["device"]))
+        return self._device_cache
+
+    def _bar(self, it, desc, total=None):
+        from tqdm import tqdm
+
+        p = self.cfg["progress"]
+        return tqdm(it, desc=desc, total=total, leave=False, disable=not (_isatty() if p is None else p))
+
+    def _rng(self, task: str, what: int):
+        import numpy as np
+
+        return np.random.default_rng([int(self.seed), zlib.crc32(task.encode()), what])
+
+    @staticmethod
+    def _read_json(path: Path) -> dict | None:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def tokenizer(self):
+        """The base's tokenizer (its ``tokenizer.json`` etc., read from the resolved base folder; no code runs)."""
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            from epmq.models.sources import resolve
+
+            folder = resolve(self.cfg["base"])
+            try:
+                self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            except Exception as e:  # noqa: BLE001 -- missing/corrupt tokenizer files: one message
+                raise EPMQError(f"base {self.cfg['base']!r}: cannot load its tokenizer from {folder} "
+                                f"({type(e).__name__}: {_first_line(e)})") from e
+        return self._tok
+
+    # -- base -----------------------------------------------------------------------------------------------
+    def _base_key(self) -> dict:
+        return {"base": str(self.cfg["base"]), "format": FORMAT_VERSION}
+
+    def base_meta(self) -> dict:
+        """``base.json`` (building the base if it is missing or was built from another source)."""
+        self.build_base()
+        return json.loads(self.base_path.with_suffix(".json").read_text())
+
+    def build_base(self) -> Path:
+        """Import the base (cached; re-imported when ``base`` changed); return its path. No heads to build."""
+        meta = self._read_json(self.base_path.with_suffix(".json"))
+        if self.base_path.is_file() and meta and meta.get("key") == self._base_key():
+            return self.base_path
+        from epmq.models.sources import load_t5, resolve, t5_head_tied, unique_state_dict
+
+        t0 = time.perf_counter()
+        folder = resolve(self.cfg["base"])
+        raw = json.loads((folder / "config.json").read_text())
+        model = load_t5(folder)
+        sd = {k: (v.float() if v.is_floating_point() else v) for k, v in unique_state_dict(model).items()}
+        meta = {"what": "base", "key": self._base_key(), "source": str(self.cfg["base"]), "folder": str(folder),
+                "revision": _revision(folder), "config": raw, "head_tied": t5_head_tied(raw),
+                "n_params": int(sum(v.numel() for v in sd.values())), "seconds": time.perf_counter() - t0,
+                "suite_config": self.config()}
+        save_safetensors_atomic(self.base_path, sd, {"source": str(self.cfg["base"])})
+        write_json_atomic(self.base_path.with_suffix(".json"), meta)
+        self._base_sd = None
+        return self.base_path
+
+    def base_state_dict(self) -> dict:
+        if self._base_sd is None:
+            from epmq.models.sources import load_state_dict
+
+            self._base_sd = load_state_dict(self.build_base())
+        return self._base_sd
+
+    def base_encoder(self):
+        return self.load_encoder(self.build_base())
+
+    # -- models ---------------------------------------------------------------------------------------------
+    def new_encoder(self):
+        """A ``T5ForConditionalGeneration`` of the base's architecture (random weights, FLAN's untied head)."""
+        from epmq.models.sources import build_t5
+
+        return build_t5(self.base_meta()["config"])
+
+    def load_encoder(self, weights):
+        """A new model (eval mode) holding ``weights``: a safetensors path or a state dict (strict; tied copies
+        such as ``encoder.embed_tokens.weight`` may be absent)."""
+        from epmq.models.sources import build_t5, load_t5_weights
+
+        if not isinstance(weights, (str, Path, Mapping)):
+            raise EPMQError(f"load_encoder: expected a path or a state dict, got {type(weights).__name__}")
+        meta = self.base_meta()
+        who = str(weights) if isinstance(weights, (str, Path)) else "state dict"
+        return load_t5_weights(build_t5(meta["config"]), weights, who, head_tied=bool(meta["head_tied"]))
+
+    def expert_encoder(self, task: str):
+        return self.load_encoder(self.build_expert(task))
+
+    def head(self, task: str):
+        """None: answers are generated by the model's own LM head (nothing per task to build or freeze)."""
+        self._check_task(task)
+        return None
+
+    # -- experts --------------------------------------------------------------------------------------------
+    def _expert_key(self, task: str) -> dict:
+        return {"source": self.expert_source(task), "base": self._base_key(), "format": FORMAT_VERSION}
+
+    def build_expert(self, task: str) -> Path:
+        """Import ``task``'s expert (cached; re-imported when its source or the base changed); return its path."""
+        self._check_task(task)
+        path = self.expert_path(task)
+        key = self._expert_key(task)
+        meta = self._read_json(path.with_suffix(".json"))
+        self.build_base()
+        if path.is_file() and meta and meta.get("key") == key:
+            return path
+        from epmq.models.sources import check_expert, load_t5, resolve, unique_state_dict
+
+        t0 = time.perf_counter()
+        src = key["source"]
+        try:
+            folder = resolve(src)
+            if folder.is_dir() and (folder / "config.json").is_file():
+                model = load_t5(folder)  # its own config: another architecture shows up as shape mismatches
+            else:  # a bare weights file: the base's architecture
+                model = load_t5(resolve(self.cfg["base"]), weights=folder)
+            sd = {k: (v.float() if v.is_floating_point() else v) for k, v in unique_state_dict(model).items()}
+            base = self.base_state_dict()
+            check_expert(base, sd, task)
+        except EPMQError as e:
+            msg = str(e)
+            raise EPMQError(msg if msg.startswith(f"expert '{task}'") else f"expert '{task}' ({src}): {msg}") from e
+        num = sum(float((sd[k] - v).float().pow(2).sum()) for k, v in base.items() if v.is_floating_point())
+        den = sum(float(v.float().pow(2).sum()) for v in base.values() if v.is_floating_point())
+        meta = {"what": "expert", "task": task, "key": key, "source": src, "folder": str(folder),
+                "revision": _revision(folder), "base": self.cfg["base"],
+                "relative_delta": math.sqrt(num / max(den, 1e-30)), "seconds": time.perf_counter() - t0}
+        save_safetensors_atomic(path, sd, {"task": task, "source": src})
+        write_json_atomic(path.with_suffix(".json"), meta)
+        return path
+
+    def build_all(self) -> dict:
+        out = {"base": self.build_base(), "experts": {}}
+        for t in self.tasks:
+            out["experts"][t] = self.build_expert(t)
+        return out
+
+    # -- data -----------------------------------------------------------------------------------------------
+    def dataset_source(self, task: str) -> str:
+        local = (self.cfg["datasets"] or {}).get(task)
+        if local is not None:
+            return str(local)
+        t = get_glue_task(task)
+        return f"{t.hf_dataset}:{t.hf_config}"
+
+    def _hf_split(self, task: str, which: str) -> str:
+        return get_glue_task(task).eval_split if which == "test" else "train"
+
+    def _dataset(self, task: str, which: str, *, download_mode=None):
+        """The raw dataset of ``task``'s reported split (``which="test"``) or its train split."""
+        import datasets
+
+        t = get_glue_task(task)
+        split = self._hf_split(task, which)
+        local = (self.cfg["datasets"] or {}).get(task)
+        if local is not None:
+            try:
+                d = datasets.load_from_disk(str(local))
+            except Exception as e:  # noqa: BLE001 -- FileNotFoundError, corrupt folder, ...
+                raise EPMQError(f"{task}: cannot read local dataset {local} ({type(e).__name__}: "
+                                f"{_first_line(e)})") from e
+            if isinstance(d, datasets.DatasetDict):
+                if split not in d:
+                    raise EPMQError(f"{task}: local dataset {local} has no split {split!r} (has {list(d)})")
+                d = d[split]
+        else:
+            try:
+                with _datasets_offline_mode():
+                    d = datasets.load_dataset(t.hf_dataset, t.hf_config, split=split, cache_dir=self.cfg["data_dir"],
+                                              download_mode=download_mode)
+            except Exception as e:  # noqa: BLE001 -- offline, not found, network: one message
+                where = "not in the local datasets cache (offline)" if datasets_offline() else "could not be loaded"
+                raise EPMQError(f"{task}: dataset '{t.hf_dataset}' ({t.hf_config}) split {split!r} {where} "
+                                f"({type(e).__name__}: {_first_line(e)}); run `python -m epmq.suites.glue_t5 fetch` "
+                                "on a machine with internet, or pass datasets={task: folder}") from e
+        for col in (*t.fields, LABEL_COLUMN):
+            if col not in d.column_names:
+                raise EPMQError(f"{task}: dataset {self.dataset_source(task)} [{split}] has no column {col!r} "
+                                f"(columns {d.column_names})")
+        return d
+
+    def _data_key(self, task: str, split: str) -> dict:
+        key = {"source": self.dataset_source(task), "hf_split": self._hf_split(task, split),
+               "base": str(self.cfg["base"]), "max_source_length": self.cfg["max_source_length"],
+               "seed": self.seed, "format": FORMAT_VERSION}
+        if split == "test":
+            key["max_test"] = self.cfg["max_test"]
+        else:
+            key["n_val"] = self.cfg["n_val"]
+            if split == "train":
+                key["calib_pool"] = self.cfg["calib_pool"]
+        return key
+
+    def _data_cached(self, path: Path, key: dict) -> bool:
+        from safetensors import safe_open
+
+        if not path.is_file():
+            return False
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return (f.metadata() or {}).get(_DATA_KEY) == json.dumps(key, sort_keys=True)
+        except Exception:  # noqa: BLE001 -- unreadable: rebuilt
+            return False
+
+    def split_indices(self, task: str, split: str, n_rows: int):
+        """Source-row indices (sorted int64 numpy) of ``split`` in a source split of ``n_rows`` rows."""
+        import numpy as np
+
+        if split == "test":
+            mt = self.cfg["max_test"]
+            if mt is None or mt >= n_rows:
+                return np.arange(n_rows, dtype=np.int64)
+            return np.sort(self._rng(task, 1).permutation(n_rows)[:mt]).astype(np.int64)
+        n_val = self.cfg["n_val"]
+        if n_val >= n_rows:
+            raise EPMQError(f"{task}: n_val={n_val} leaves nothing of the {n_rows}-row train split for calibration")
+        perm = self._rng(task, 0).permutation(n_rows)
+        part = perm[:n_val] if split == "validation" else perm[n_val:n_val + self.cfg["calib_pool"]]
+        return np.sort(part).astype(np.int64)
+
+    def data_file(self, task: str, split: str) -> Path:
+        """The tokenized cache of ``task``/``split`` (``test`` = GLUE validation, ``validation``, ``train`` =
+        calibration pool), built once (see the module doc)."""
+        if split not in SPLITS:
+            raise EPMQError(f"split={split!r}: expected one of {list(SPLITS)}")
+        self._check_task(task)
+        path = self.data_path(task, split)
+        key = self._data_key(task, split)
+        if not self._data_cached(path, key):
+            self._tokenize(task, split, path, key)
+        return path
+
+    def _tokenize(self, task: str, split: str, path: Path, key: dict) -> None:
+        import numpy as np
+        import torch
+
+        t0 = time.perf_counter()
+        t = get_glue_task(task)
+        ds = self._dataset(task, "test" if split == "test" else "train")
+        idx = self.split_indices(task, split, len(ds))
+        rows = ds.select(idx.tolist()).to_dict()
+        n = len(idx)
+        examples = [{f: rows[f][i] for f in t.fields} for i in range(n)]
+        gold = rows[LABEL_COLUMN]
+        prompts = [format_example(t, ex) for ex in examples]
+        targets = [target_text(t, g) for g in gold]  # refuses test-split rows (label -1) with a clear error
+        tok = self.tokenizer()
+        enc = tok(prompts, truncation=True, max_length=self.cfg["max_source_length"])["input_ids"]
+        tgt = tok(targets, truncation=True, max_length=self.cfg["max_source_length"])["input_ids"]
+
+        def ragged(seqs):
+            lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+            flat = np.fromiter((x for s in seqs for x in s), dtype=np.int32, count=int(lens.sum()))
+            return torch.from_numpy(flat), torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]))
+
+        ids, offsets = ragged(enc)
+        tids, toffsets = ragged(tgt)
+        labels = torch.tensor(gold, dtype=torch.float32 if t.is_regression else torch.int64)
+        tensors = {"input_ids": ids, "input_offsets": offsets, "target_ids": tids, "target_offsets": toffsets,
+                   "labels": labels, "indices": torch.from_numpy(idx)}
+        save_safetensors_atomic(path, tensors, {_DATA_KEY: json.dumps(key, sort_keys=True)})
+        write_json_atomic(path.with_suffix(".json"), {
+            "what": "tokenized prompts and targets", "task": task, "split": split, "key": key, "n": n,
+            "n_source_rows": len(ds), "dataset_fingerprint": getattr(ds, "_fingerprint", None),
+            "truncated": int(sum(len(s) >= self.cfg["max_source_length"] for s in enc)),
+            "max_input_tokens": int(max((len(s) for s in enc), default=0)), "seconds": time.perf_counter() - t0})
+
+    def _load_split(self, task: str, split: str) -> dict:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.data_file(task, split)))
+
+    @staticmethod
+    def _rows(flat, offsets, idx) -> list:
+        return [flat[int(offsets[i]):int(offsets[i + 1])] for i in idx]
+
+    def _pad(self, seqs, pad_value: int):
+        """(B, T) int64 of ``seqs`` padded at the end with ``pad_value``, and the (B, T) int64 mask."""
+        import torch
+
+        width = max(len(s) for s in seqs)
+        out = torch.full((len(seqs), width), int(pad_value), dtype=torch.int64)
+        mask = torch.zeros((len(seqs), width), dtype=torch.int64)
+        for i, s in enumerate(seqs):
+            out[i, :len(s)] = s.long()
+            mask[i, :len(s)] = 1
+        return out, mask
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer()
+        if tok.pad_token_id is not None:
+            return int(tok.pad_token_id)
+        return int(self.base_meta()["config"].get("pad_token_id", 0))
+
+    def labels(self, task: str, split: str):
+        return self._load_split(task, split)["labels"]
+
+    def indices(self, task: str, split: str):
+        """Source-row indices of the cached ``split`` (for provenance and disjointness checks)."""
+        return self._load_split(task, split)["indices"]
+
+    def calibration_batches(self, task: str, n: int, *, seed: int, batch_size: int = 32) -> list:
+        """``n`` examples of the calibration pool (train minus validation) drawn with ``seed``, as teacher-forcing
+        batches ``{"input_ids", "attention_mask", "labels"}`` (labels padded with -100), by input length."""
+        import numpy as np
+        import torch
+
+        self._check_task(task)
+        d = self._load_split(task, "train")
+        size = len(d["labels"])
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= size:
+            raise EPMQError(f"calibration_batches({task}): n={n!r}: expected 1..{size} (raise calib_pool)")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise EPMQError(f"calibration_batches({task}): batch_size={batch_size!r}: expected an integer >= 1")
+        rng = np.random.default_rng([int(seed), zlib.crc32(task.encode()), 2])
+        idx = np.sort(rng.choice(size, size=n, replace=False))
+        lens = (d["input_offsets"][1:] - d["input_offsets"][:-1])[torch.from_numpy(idx)]
+        idx = idx[torch.sort(lens, stable=True).indices.numpy()]  # little padding; padding is masked anyway
+        pad = self._pad_id()
+        out = []
+        for s in range(0, n, batch_size):
+            part = idx[s:s + batch_size]
+            ids, mask = self._pad(self._rows(d["input_ids"], d["input_offsets"], part), pad)
+            labels, _ = self._pad(self._rows(d["target_ids"], d["target_offsets"], part), IGNORE_INDEX)
+            out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+        return out
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+    def generate(self, model, task: str, split: str = "test") -> list[str]:
+        """The greedy answers of ``model`` to every prompt of ``task``/``split``, in the split's order."""
+        import torch
+        from transformers import GenerationConfig
+
+        from epmq.precision import autocast
+
+        d = self._load_split(task, split)
+        offsets = d["input_offsets"]
+        n = len(offsets) - 1
+        order = torch.sort(offsets[1:] - offsets[:-1], descending=True, stable=True).indices.tolist()
+        dev = self.device()
+        cfg = model.config
+        gen = GenerationConfig(max_new_tokens=self.cfg["max_new_tokens"], do_sample=False, num_beams=1,
+                               decoder_start_token_id=cfg.decoder_start_token_id, eos_token_id=cfg.eos_token_id,
+                               pad_token_id=cfg.pad_token_id)
+        tok, pad = self.tokenizer(), self._pad_id()
+        bs = self.cfg["eval_batch_size"]
+        out: list[str | None] = [None] * n
+        for s in self._bar(range(0, n, bs), f"eval {task}/{split}", total=math.ceil(n / bs)):
+            part = order[s:s + bs]
+            ids, mask = self._pad(self._rows(d["input_ids"], offsets, part), pad)
+            with torch.no_grad(), autocast(dev, self.cfg["precision"]):
+                seqs = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen)
+            for i, text in zip(part, tok.batch_decode(seqs.cpu(), skip_special_tokens=True)):
+                out[i] = text
+        return out
+
+    def evaluate(self, encoder, task: str, *, split: str = "test") -> dict:
+        """Generate ``task``'s answers on ``split`` and score them (see the module doc for what ``accuracy``
+        holds); the model is moved to the suite's device."""
+        self._check_task(task)
+        was_training = encoder.training
+        encoder.to(self.device()).eval()
+        preds = self.generate(encoder, task, split)
+        encoder.train(was_training)
+        gold = self.labels(task, split).tolist()
+        return glue_record(task, split, score(task, preds, gold))
+
+    def evaluate_all(self, encoder, *, split: str = "test") -> dict:
+        """``{"tasks": {task: record}, "mean": unweighted mean of the records' ``accuracy``}``."""
+        recs = {t: self.evaluate(encoder, t, split=split) for t in self.tasks}
+        return {"tasks": recs, "mean": sum(r["accuracy"] for r in recs.values()) / len(recs)}
+
+    # -- downloads ------------------------------------------------------------------------------------------
+    def prefetch(self, *, preprocess: bool = True) -> dict:
+        """Download (or, offline, check) the base, every expert and every task's train and reported split, so
+        that later jobs need no internet; raises ONE :class:`EPMQError` listing everything missing. With
+        ``preprocess`` (the workflow's fetch rule) also tokenizes every split into ``data/``."""
+        from epmq.models.sources import is_hub_id, missing, resolve
+
+        problems, models = [], self.model_sources()
+        if hub_offline():
+            problems += [f"model {s}" + ("" if is_hub_id(s) else " (no such local path)") for s in missing(models)]
+        else:
+            for s in dict.fromkeys(models):
+                try:
+                    resolve(s)
+                except EPMQError as e:
+                    problems.append(f"model {s} ({_first_line(e)[:120]})")
+        for t in self.tasks:
+            for which in ("train", "test"):
+                try:
+                    self._dataset(t, which, download_mode="reuse_cache_if_exists")
+                except EPMQError as e:
+                    why = "" if "offline" in str(e) or "could not be loaded" in str(e) else f" ({_first_line(e)[:120]})"
+                    problems.append(f"dataset {self.dataset_source(t)} [{self._hf_split(t, which)}] ({t}){why}")
+        if problems:
+            where = "offline: not in the local caches" if (hub_offline() or datasets_offline()) else "unavailable"
+            raise EPMQError(f"t5-glue suite: {len(problems)} source(s) {where}: " + "; ".join(problems)
+                            + " -- run `python -m epmq.suites.glue_t5 fetch` with internet (same HF_HOME), or pass "
+                            "local folders")
+        if preprocess:
+            for t in self.tasks:
+                for split in SPLITS:
+                    self.data_file(t, split)
+        return {"models": models, "datasets": {t: self.dataset_source(t) for t in self.tasks}}
+
+
+def glue_record(task: str, split: str, scores: dict) -> dict:
+    """An evaluation record from :func:`epmq.tasks.glue.score`'s fractions: ``accuracy`` holds the task's
+    headline metric in % (exact-match accuracy; STS-B: Spearman's rho x 100, 0 when undefined), ``metric``
+    names it; the other metrics ride along (x 100)."""
+    n = int(scores["n"])
+    if "spearman" in scores:
+        rho = scores["spearman"]
+        undefined = not math.isfinite(rho)
+        rho = 0.0 if undefined else rho
+        se = (1 - rho**2) * math.sqrt((1 + rho**2 / 2) / (n - 3)) if n > 3 else None
+        pearson = scores["pearson"]
+        return {"task": task, "split": split, "n": n, "metric": "spearman", "accuracy": 100.0 * rho,
+                "stderr": None if se is None else 100.0 * se, "spearman": 100.0 * rho,
+                "pearson": 100.0 * pearson if math.isfinite(pearson) else None, "unparsed": int(scores["unparsed"]),
+                "constant_predictions": undefined}
+    extra = {"metric": "accuracy", "invalid": int(scores["invalid"])}
+    if "matthews_corr" in scores:
+        extra["matthews_corr"] = 100.0 * scores["matthews_corr"]
+    return accuracy_record(task, split, round(scores["accuracy"] * n), n, **extra)
+
+
+def fetch(cache_dir, *, seed: int = 0, preprocess: bool = True, **options) -> dict:
+    """Module-level :meth:`T5GlueSuite.prefetch`."""
+    return T5GlueSuite(cache_dir, seed=seed, **options).prefetch(preprocess=preprocess)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _table(suite: T5GlueSuite) -> str:
+    suite.build_all()
+    base = suite.evaluate_all(suite.base_encoder())["tasks"]
+    experts = {t: suite.evaluate(suite.expert_encoder(t), t) for t in suite.tasks}
+    lines = [f"{'model':<20}" + "".join(f"{t:>8}" for t in suite.tasks) + f"{'mean':>8}"]
+    for name, recs in (("base", base), ("expert (own task)", experts)):
+        mean = sum(r["accuracy"] for r in recs.values()) / len(recs)
+        lines.append(f"{name:<20}" + "".join(f"{recs[t]['accuracy']:>8.2f}" for t in suite.tasks) + f"{mean:>8.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m epmq.suites.glue_t5", description=__doc__.split("\n")[0])
+    p.add_argument("command", choices=["fetch", "build"])
+    p.add_argument("--cache", required=True, help="suite cache folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="suite option (JSON value)")
+    a = p.parse_args(argv)
+    options = parse_set_options(a.set)
+    try:
+        if a.command == "fetch":
+            out = fetch(a.cache, seed=a.seed, **options)
+            print(f"t5-glue: {len(out['models'])} model source(s) and {len(out['datasets'])} dataset(s) available")
+        else:
+            print(_table(T5GlueSuite(a.cache, seed=a.seed, **options)))
+        return 0
+    except EPMQError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
