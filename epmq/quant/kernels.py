@@ -60,12 +60,11 @@ def _numba_impl():
     import numba
     import numpy as np
 
-    @numba.njit(parallel=True, cache=True, fastmath=False, nogil=True)
     def segment(W1, Hinv1, S1, Z1, a, b, maxq, Q1, C1, E1, loss):  # pragma: no cover - compiled
         rows, B = W1.shape
         zero = np.float32(0.0)
         two = np.float32(2.0)
-        for r in numba.prange(rows):
+        for r in numba.prange(rows):  # a plain range when compiled without parallel
             acc = zero
             for i in range(a, b):
                 w = W1[r, i]
@@ -88,13 +87,21 @@ def _numba_impl():
                 E1[r, i] = e
             loss[r] += acc
 
+    opts = dict(cache=True, fastmath=False, nogil=True)
+    parallel = numba.njit(parallel=True, **opts)(segment)
+    # one thread (the workflow's jobs): no thread pool at all, so no idle workers spinning beside torch
+    serial = numba.njit(**opts)(segment)
+
     def run(W1, Hinv1, S1, Z1, a, b, maxq, Q1, C1, E1, loss):
         threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-        if numba.get_num_threads() != threads:
-            numba.set_num_threads(threads)
         arrs = [t.numpy() for t in (W1, Hinv1, S1, Z1, Q1, C1, E1, loss)]
         w1, h1, s1, z1, q1, c1, e1, ls = arrs
-        segment(w1, h1, s1, z1, int(a), int(b), np.float32(maxq), q1, c1, e1, ls)
+        if threads == 1:
+            serial(w1, h1, s1, z1, int(a), int(b), np.float32(maxq), q1, c1, e1, ls)
+            return
+        if numba.get_num_threads() != threads:
+            numba.set_num_threads(threads)
+        parallel(w1, h1, s1, z1, int(a), int(b), np.float32(maxq), q1, c1, e1, ls)
 
     return run
 
