@@ -307,7 +307,83 @@ def _head_class():
 # --------------------------------------------------------------------------------------------- suite
 
 
-class ClipSuite(Suite):
+class HubSuiteMixin:
+    """Cache layout, seeded splits and small helpers shared by the hub-backed suites (``clip``, ``t5-glue``).
+    Expects ``cache_dir``, ``seed``, ``_device_cache`` and ``cfg`` (``experts``, ``device``, ``progress``,
+    ``max_test``, ``n_val``, ``calib_pool``) on the suite, and its ``_check_task``/``build_expert``/
+    ``load_encoder``."""
+
+    @property
+    def base_path(self) -> Path:
+        return self.cache_dir / "base.safetensors"
+
+    def expert_path(self, task: str) -> Path:
+        return self.cache_dir / "experts" / f"{task}.safetensors"
+
+    def data_path(self, task: str, split: str) -> Path:
+        return self.cache_dir / "data" / task / f"{split}.safetensors"
+
+    def expert_source(self, task: str) -> str:
+        ex = self.cfg["experts"]
+        return str(ex[task]) if isinstance(ex, Mapping) else ex.format(task=task)
+
+    def device(self):
+        if self._device_cache is None:
+            from epmq.device import resolve
+
+            self._device_cache = resolve(str(self.cfg["device"]))
+        return self._device_cache
+
+    def _bar(self, it, desc, total=None):
+        from tqdm import tqdm
+
+        p = self.cfg["progress"]
+        return tqdm(it, desc=desc, total=total, leave=False, disable=not (_isatty() if p is None else p))
+
+    def _rng(self, task: str, what: int):
+        import numpy as np
+
+        return np.random.default_rng([int(self.seed), zlib.crc32(task.encode()), what])
+
+    @staticmethod
+    def _read_json(path: Path) -> dict | None:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def expert_encoder(self, task: str):
+        return self.load_encoder(self.build_expert(task))
+
+    def _data_cached(self, path: Path, key: dict) -> bool:
+        from safetensors import safe_open
+
+        if not path.is_file():
+            return False
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return (f.metadata() or {}).get(_DATA_KEY) == json.dumps(key, sort_keys=True)
+        except Exception:  # noqa: BLE001 -- unreadable: rebuilt
+            return False
+
+    def split_indices(self, task: str, split: str, n_rows: int):
+        """Source-row indices (sorted int64 numpy) of ``split`` in a source split of ``n_rows`` rows."""
+        import numpy as np
+
+        if split == "test":
+            mt = self.cfg["max_test"]
+            if mt is None or mt >= n_rows:
+                return np.arange(n_rows, dtype=np.int64)
+            return np.sort(self._rng(task, 1).permutation(n_rows)[:mt]).astype(np.int64)
+        n_val = self.cfg["n_val"]
+        if n_val >= n_rows:
+            raise EPMQError(f"{task}: n_val={n_val} leaves nothing of the {n_rows}-row train split for calibration")
+        perm = self._rng(task, 0).permutation(n_rows)
+        part = perm[:n_val] if split == "validation" else perm[n_val:n_val + self.cfg["calib_pool"]]
+        return np.sort(part).astype(np.int64)
+
+
+class ClipSuite(HubSuiteMixin, Suite):
     """The ``clip`` suite; options (constructor keywords) are listed in :data:`DEFAULTS` and the module doc."""
 
     name = "clip"
@@ -360,9 +436,6 @@ class ClipSuite(Suite):
             torch.set_num_threads(int(cfg["threads"]))
 
     # -- paths ----------------------------------------------------------------------------------------------
-    @property
-    def base_path(self) -> Path:
-        return self.cache_dir / "base.safetensors"
 
     def head_path(self, task: str) -> Path:
         return self.cache_dir / "heads" / f"{task}.safetensors"
@@ -370,12 +443,6 @@ class ClipSuite(Suite):
     @property
     def projection_path(self) -> Path:
         return self.cache_dir / "heads" / f"{PROJECTION}.safetensors"
-
-    def expert_path(self, task: str) -> Path:
-        return self.cache_dir / "experts" / f"{task}.safetensors"
-
-    def data_path(self, task: str, split: str) -> Path:
-        return self.cache_dir / "data" / task / f"{split}.safetensors"
 
     def _check_task(self, task: str) -> None:
         if task not in self.tasks:
@@ -390,10 +457,6 @@ class ClipSuite(Suite):
                 cfg[k] = {t: str(v) for t, v in cfg[k].items()}
         return {"suite": self.name, "format": FORMAT_VERSION, "seed": self.seed, **cfg}
 
-    def expert_source(self, task: str) -> str:
-        ex = self.cfg["experts"]
-        return str(ex[task]) if isinstance(ex, Mapping) else ex.format(task=task)
-
     def model_sources(self) -> list[str]:
         """Every model source this suite reads (base, base_visual, experts), in order."""
         out = [str(self.cfg["base"])]
@@ -402,35 +465,13 @@ class ClipSuite(Suite):
         return out + [self.expert_source(t) for t in self.tasks]
 
     # -- small helpers -----------------------------------------------------------------------------------------
-    def device(self):
-        if self._device_cache is None:
-            from epmq.device import resolve
-
-            self._device_cache = resolve(str(self.cfg["device"]))
-        return self._device_cache
-
-    def _bar(self, it, desc, total=None):
-        from tqdm import tqdm
-
-        p = self.cfg["progress"]
-        return tqdm(it, desc=desc, total=total, leave=False, disable=not (_isatty() if p is None else p))
 
     def _autocast(self, device):
         from epmq.precision import autocast
 
         return autocast(device, self.cfg["precision"])
 
-    def _rng(self, task: str, what: int):
-        import numpy as np
 
-        return np.random.default_rng([int(self.seed), zlib.crc32(task.encode()), what])
-
-    @staticmethod
-    def _read_json(path: Path) -> dict | None:
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
 
     # -- base ------------------------------------------------------------------------------------------------
     def _base_key(self) -> dict:
@@ -583,8 +624,6 @@ class ClipSuite(Suite):
             raise EPMQError(f"load_encoder: expected a path or a state dict, got {type(weights).__name__}")
         return self._strict_load(self.new_encoder(), self._canonical(sd), who)
 
-    def expert_encoder(self, task: str):
-        return self.load_encoder(self.build_expert(task))
 
     # -- heads ---------------------------------------------------------------------------------------------------
     def _head_meta(self, task: str, base: dict) -> dict:
@@ -744,33 +783,6 @@ class ClipSuite(Suite):
             if split == "train":
                 key["calib_pool"] = self.cfg["calib_pool"]
         return key
-
-    def _data_cached(self, path: Path, key: dict) -> bool:
-        from safetensors import safe_open
-
-        if not path.is_file():
-            return False
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return (f.metadata() or {}).get(_DATA_KEY) == json.dumps(key, sort_keys=True)
-        except Exception:  # noqa: BLE001 -- unreadable: rebuilt
-            return False
-
-    def split_indices(self, task: str, split: str, n_rows: int):
-        """Source-row indices (sorted int64 numpy) of ``split`` in a source split of ``n_rows`` rows."""
-        import numpy as np
-
-        if split == "test":
-            mt = self.cfg["max_test"]
-            if mt is None or mt >= n_rows:
-                return np.arange(n_rows, dtype=np.int64)
-            return np.sort(self._rng(task, 1).permutation(n_rows)[:mt]).astype(np.int64)
-        n_val = self.cfg["n_val"]
-        if n_val >= n_rows:
-            raise EPMQError(f"{task}: n_val={n_val} leaves nothing of the {n_rows}-row train split for calibration")
-        perm = self._rng(task, 0).permutation(n_rows)
-        part = perm[:n_val] if split == "validation" else perm[n_val:n_val + self.cfg["calib_pool"]]
-        return np.sort(part).astype(np.int64)
 
     def data_file(self, task: str, split: str) -> Path:
         """The preprocessed cache of ``task``/``split`` (``test``, ``validation``, ``train`` = calibration pool),
