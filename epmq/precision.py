@@ -21,3 +21,29 @@ def autocast(device, name_or_dtype):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def linear_weights_in(module: torch.nn.Module, name_or_dtype):
+    """For inference under :func:`autocast`: hold every ``nn.Linear``'s weight and bias in the autocast dtype
+    for the duration (the fp32 tensors come back on exit). Autocast casts a Linear's weight on every call;
+    casting once gives the same bits (a cast of a cast is a no-op) without the per-batch copies. A null
+    context for ``"fp32"``."""
+    dtype = DTYPES[name_or_dtype] if isinstance(name_or_dtype, str) else name_or_dtype
+    if dtype is None:
+        yield module
+        return
+    saved = []
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.Linear):
+                for k in ("weight", "bias"):
+                    p = getattr(m, k)
+                    if p is not None and p.dtype != dtype:
+                        saved.append((p, p.data))
+                        p.data = p.data.to(dtype)
+    try:
+        yield module
+    finally:
+        for p, data in saved:
+            p.data = data

@@ -66,7 +66,7 @@ from torch.nn import functional as F
 
 from epmq.errors import EPMQError
 from epmq.evaluate import accuracy_record
-from epmq.precision import autocast
+from epmq.precision import autocast, linear_weights_in
 from epmq.io import save_safetensors_atomic as _save_safetensors
 from epmq.io import write_json_atomic
 from epmq.suites.base import Suite, parse_set_options
@@ -563,12 +563,13 @@ class MiniLMSuite(Suite):
         order = torch.sort(mask.sum(1), stable=True).indices
         correct = 0
         bs = self.options["eval_batch_size"]
-        for s in self._bar(range(0, len(order), bs), f"eval {task}/{split}"):
-            bi = order[s:s + bs]
-            b = self._pad(ids[bi], mask[bi])
-            with self._autocast():
-                pred = head(encoder(**b), b["attention_mask"]).argmax(-1)
-            correct += int((pred == y[bi]).sum())
+        with linear_weights_in(encoder, self.options["precision"]):  # one cast, not one per batch: same bits
+            for s in self._bar(range(0, len(order), bs), f"eval {task}/{split}"):
+                bi = order[s:s + bs]
+                b = self._pad(ids[bi], mask[bi])
+                with self._autocast():
+                    pred = head(encoder(**b), b["attention_mask"]).argmax(-1)
+                correct += int((pred == y[bi]).sum())
         encoder.train(was_training)
         return accuracy_record(task, split, correct, len(y))
 

@@ -97,7 +97,7 @@ DEFAULTS = {
     "max_train": None,  # cap on each task's train split (None: the loader's default)
     "max_eval": None,  # cap on each task's validation/test split (None: all)
     "threads": 2,
-    "eval_batch_size": 500,
+    "eval_batch_size": 32,  # small batches stay in cache: 1.6x faster than 500 on one CPU thread, same bits
 }
 #: loader kwargs per task (test-set sizes; train/val from the rest)
 DATA_SIZES = {
