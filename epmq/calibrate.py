@@ -25,7 +25,11 @@ expert's own encoder. Padding is masked per stack (encoder tokens, decoder targe
 (cross-attention k/v read encoder positions).
 
 Memory: statistics and hidden states are kept for the current block only; experts may be lazy state-dict
-mappings (e.g. safetensors) and only one expert block is materialised at a time.
+mappings (e.g. safetensors) and only one expert block is materialised at a time. ``act_dtype`` (bf16/fp16)
+stores the propagated hidden states (``args[0]`` of every kept block call, the model's and each expert's) in
+half precision between blocks, half their memory; they are cast back to float32 when a block runs on them,
+and the statistics stay float32. Other tensors of a call (masks, position biases, T5's
+``encoder_hidden_states``) are kept as they are.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ class QuantConfig:
     task_weighting: str = "trace"
     fit_bias: bool = False
     propagation: str = "sequential"
-    forward_dtype: str = "fp32"
+    forward_dtype: str = "fp32"  # dtype of the block forwards (autocast); statistics stay float32
+    act_dtype: str = "fp32"  # dtype the propagated hidden states are stored in between blocks (bf16/fp16: half)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -76,6 +81,8 @@ class QuantConfig:
             raise EPMQError(f"propagation={self.propagation!r}: expected 'sequential' or 'fp'")
         if self.forward_dtype not in FORWARD_DTYPES:
             raise EPMQError(f"forward_dtype={self.forward_dtype!r}: expected one of {sorted(FORWARD_DTYPES)}")
+        if self.act_dtype not in ACT_DTYPES:
+            raise EPMQError(f"act_dtype={self.act_dtype!r}: expected one of {sorted(ACT_DTYPES)}")
 
     @property
     def spec(self) -> QuantMethod:
@@ -141,9 +148,10 @@ class _Call:
 
 def _capture_block_inputs(
     model: nn.Module, block: nn.Module, adapter: Adapter, batches, device, dtype: torch.dtype | None = None,
-    stack: int = 0,
+    stack: int = 0, store: torch.dtype | None = None,
 ) -> list[_Call]:
-    """Run ``model`` on every batch up to ``block`` (the first block of stack ``stack``) and keep its calls."""
+    """Run ``model`` on every batch up to ``block`` (the first block of stack ``stack``) and keep its calls
+    (their hidden states in ``store``, see :func:`_keep`)."""
     calls: list[_Call] = []
     tokens = [(None, None)]
 
@@ -152,7 +160,7 @@ def _capture_block_inputs(
             key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
             kwargs = dict(kwargs)
             args = (kwargs.pop(key),)
-        calls.append(_Call(tuple(args), dict(kwargs), *tokens[0]))
+        calls.append(_keep(_Call(tuple(args), dict(kwargs), *tokens[0]), store))
         raise _StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -184,6 +192,22 @@ def _to(x, device):
 
 
 FORWARD_DTYPES = DTYPES  # statistics are accumulated in float32 whatever the forward dtype
+#: ``act_dtype`` name -> dtype the propagated hidden states are stored in between blocks (None: as computed)
+ACT_DTYPES = DTYPES
+
+
+def _keep(call: _Call, store: torch.dtype | None) -> _Call:
+    """``call`` as kept between blocks: its hidden state cast to ``store`` (None: unchanged, no cast)."""
+    if store is None or not call.hidden.is_floating_point() or call.hidden.dtype == store:
+        return call
+    return call.with_hidden(call.hidden.to(store))
+
+
+def _use(call: _Call, store: torch.dtype | None) -> _Call:
+    """A kept ``call`` ready to run: a hidden state stored in ``store`` back in float32 (None: unchanged)."""
+    if store is None or call.hidden.dtype != store:
+        return call
+    return call.with_hidden(call.hidden.float())
 
 
 def _run_block(block: nn.Module, call: _Call, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -318,10 +342,16 @@ class _Streams:
 
 
 class _Engine:
-    def __init__(self, model, calib, experts, adapter, device, progress, desc, forward_dtype="fp32"):
+    def __init__(self, model, calib, experts, adapter, device, progress, desc, forward_dtype="fp32",
+                 act_dtype="fp32"):
         if forward_dtype not in FORWARD_DTYPES:
             raise EPMQError(f"forward_dtype={forward_dtype!r}: expected one of {sorted(FORWARD_DTYPES)}")
+        if act_dtype not in ACT_DTYPES:
+            raise EPMQError(f"act_dtype={act_dtype!r}: expected one of {sorted(ACT_DTYPES)}")
         self.dtype = FORWARD_DTYPES[forward_dtype]
+        #: storage dtype of the hidden states kept between blocks (None: as computed)
+        self.store = ACT_DTYPES[act_dtype]
+        self.act_dtype = act_dtype
         self.model = model
         self.adapter = adapter if isinstance(adapter, Adapter) else get_adapter(model, adapter)
         self.device = torch.device(device) if device else _default_device()
@@ -344,7 +374,8 @@ class _Engine:
         model = self.model.eval().to(self.device)
         first = self.blocks[0][1]
         with torch.no_grad():
-            mine = [_capture_block_inputs(model, first, self.adapter, b, self.device, self.dtype) for b in self.calib]
+            mine = [_capture_block_inputs(model, first, self.adapter, b, self.device, self.dtype, store=self.store)
+                    for b in self.calib]
             theirs = None
             if self.experts is not None:
                 work = copy.deepcopy(model)
@@ -352,7 +383,8 @@ class _Engine:
                 theirs = []
                 for t, (sd, batches) in enumerate(zip(self.experts, self.calib)):
                     _load_from(work, sd, "", f"expert {t}")
-                    theirs.append(_capture_block_inputs(work, work_first, self.adapter, batches, self.device, self.dtype))
+                    theirs.append(_capture_block_inputs(work, work_first, self.adapter, batches, self.device,
+                                                        self.dtype, store=self.store))
                 self.work = work
         return _Streams(mine, theirs)
 
@@ -367,15 +399,15 @@ class _Engine:
         s = self.stack_starts[idx]
         block = self.blocks[idx][1]
         with torch.no_grad():
-            streams.model = [_capture_block_inputs(self.model, block, self.adapter, b, self.device, self.dtype, s)
-                             for b in self.calib]
+            streams.model = [_capture_block_inputs(self.model, block, self.adapter, b, self.device, self.dtype, s,
+                                                   self.store) for b in self.calib]
             if with_expert:
                 work_block = self.adapter.find_blocks(self.work)[idx][1]
                 theirs = []
                 for t, (sd, batches) in enumerate(zip(self.experts, self.calib)):
                     _load_from(self.work, sd, "", f"expert {t}")
                     theirs.append(_capture_block_inputs(self.work, work_block, self.adapter, batches, self.device,
-                                                        self.dtype, s))
+                                                        self.dtype, s, self.store))
                 streams.expert = theirs
 
     def expert_block(self, idx: int, t: int) -> nn.Module:
@@ -401,7 +433,7 @@ class _Engine:
             caps, moved = [], []
             for call in calls:
                 with _Capture(sites) as cap:
-                    moved.append(_next_call(self.adapter, eb, call, self.dtype))
+                    moved.append(self._advance(eb, call))
                 caps.append({k: call.real(x, f"expert {t} {k}", which[k]) for k, x in cap.inputs.items()})
                 if len(caps) == 1 and t == 0:
                     per_call = sum(x.numel() * x.element_size() for x in cap.inputs.values())
@@ -430,7 +462,7 @@ class _Engine:
             for i, call in enumerate(streams.model[t]):
                 with _Capture(list(keys.values()), stop=True) as cap:
                     try:
-                        _run_block(block, call, self.dtype)
+                        _run_block(block, _use(call, self.store), self.dtype)
                     except _StopForward:
                         pass
                 xe = {}
@@ -440,7 +472,7 @@ class _Engine:
                     ecall = streams.expert[t][i]
                     with _Capture(esites, stop=True) as ecap:
                         try:
-                            _run_block(eblock, ecall, self.dtype)
+                            _run_block(eblock, _use(ecall, self.store), self.dtype)
                         except _StopForward:
                             pass
                     xe = {k: ecall.real(x, f"expert {t} {k}", keys[k].tokens) for k, x in ecap.inputs.items()}
@@ -450,17 +482,24 @@ class _Engine:
                     stats[k].add(x, xe.get(k) if with_expert else None, name=name)
         return stats
 
+    def _advance(self, block: nn.Module, call: _Call) -> _Call:
+        """The kept call of the next block: ``block`` run on the kept ``call`` (see :func:`_keep`, :func:`_use`)."""
+        return _keep(_next_call(self.adapter, block, _use(call, self.store), self.dtype), self.store)
+
     def propagate(self, idx, streams, with_expert) -> None:
         """Advance the model's streams (and, with ``with_expert``, the experts') past block ``idx``."""
         block = self.blocks[idx][1]
+        where = f"hidden state after {self.blocks[idx][0]}"
+        if self.store is not None:
+            where += f" (stored as act_dtype={self.act_dtype})"
         with torch.no_grad():
             for t, calls in enumerate(streams.model):
-                streams.model[t] = [_next_call(self.adapter, block, c, self.dtype) for c in calls]
-                check_finite(streams.model[t][0].hidden, f"hidden state after {self.blocks[idx][0]}")
+                streams.model[t] = [self._advance(block, c) for c in calls]
+                check_finite(streams.model[t][0].hidden, where)
             if with_expert:
                 for t, calls in enumerate(streams.expert):
                     eb = self.expert_block(idx, t)
-                    streams.expert[t] = [_next_call(self.adapter, eb, c, self.dtype) for c in calls]
+                    streams.expert[t] = [self._advance(eb, c) for c in calls]
 
     def bar(self):
         from tqdm.auto import tqdm
@@ -634,14 +673,14 @@ def quantize_model(
     t_start = time.perf_counter()
     use_experts = spec.target == "epmq" or spec.hessian == "epmq"
     engine = _Engine(model, calib or [], experts if use_experts else None, adapter, device, progress, cfg.method,
-                     cfg.forward_dtype)
+                     cfg.forward_dtype, cfg.act_dtype)
     if use_experts and engine.experts is None:
         raise EPMQError(f"method {cfg.method!r} needs the experts (one per calibration task)")
     needs_data = spec.hessian is not None or spec.target == "epmq"
     sequential = needs_data and stats is None
     if needs_data and stats is None and cfg.propagation == "fp":
         stats = collect_stats(model, calib, experts if use_experts else None, adapter=engine.adapter, device=device,
-                              progress=progress, forward_dtype=cfg.forward_dtype)
+                              progress=progress, forward_dtype=cfg.forward_dtype, act_dtype=cfg.act_dtype)
         sequential = False
     if stats is not None and use_experts:
         n_tasks = {len(v) for v in stats.values()}
@@ -698,10 +737,12 @@ def collect_stats(
     device=None,
     progress: bool = True,
     forward_dtype: str = "fp32",
+    act_dtype: str = "fp32",
 ) -> dict[str, list[TaskStats]]:
     """``fp``-mode statistics of every site (full state-dict name -> one :class:`TaskStats` per task), from
-    the full-precision ``model`` and, if given, the experts' own inputs. Independent of the quantizer."""
-    engine = _Engine(model, calib, experts, adapter, device, progress, "collect", forward_dtype)
+    the full-precision ``model`` and, if given, the experts' own inputs. Independent of the quantizer
+    (``forward_dtype``/``act_dtype``: see :class:`QuantConfig`)."""
+    engine = _Engine(model, calib, experts, adapter, device, progress, "collect", forward_dtype, act_dtype)
     with_expert = experts is not None
     streams = engine.streams()
     out: dict[str, list[TaskStats]] = {}
