@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -443,3 +444,42 @@ def test_merge_files_failure_leaves_no_file(tmp_path):
     assert not (tmp_path / "m.safetensors").exists()
     with pytest.raises(EPMQError, match="nope.safetensors"):
         lazy_state_dict(tmp_path / "nope.safetensors")
+
+
+def test_lazy_state_dict_reads_every_dtype_and_validates_the_file(tmp_path):
+    sd = {"f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 2).bfloat16(),
+          "f64": torch.randn(2).double(), "i64": torch.arange(7), "i8": torch.tensor([-3, 4], dtype=torch.int8),
+          "u8": torch.tensor([250], dtype=torch.uint8), "bool": torch.tensor([True, False]),
+          "empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5)}
+    path = tmp_path / "m.safetensors"
+    save_file(sd, path, metadata={"k": "v"})
+    lazy = lazy_state_dict(path)
+    assert list(lazy) == sorted(sd) and lazy.metadata() == {"k": "v"}
+    for k, v in sd.items():
+        got = lazy[k]
+        assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got, v), k
+    got = lazy["f32"]
+    got += 1  # a private copy: neither the file nor the next read changes
+    assert torch.equal(lazy["f32"], sd["f32"])
+
+    raw = path.read_bytes()
+    (tmp_path / "short.safetensors").write_bytes(raw[:-8])  # truncated data
+    with pytest.raises(EPMQError, match=r"short\.safetensors.*truncated"):
+        lazy_state_dict(tmp_path / "short.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + raw)
+    with pytest.raises(EPMQError, match=r"junk\.safetensors: not a readable safetensors file"):
+        lazy_state_dict(tmp_path / "junk.safetensors")
+    (tmp_path / "tiny.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(EPMQError, match=r"tiny\.safetensors: not a readable"):
+        lazy_state_dict(tmp_path / "tiny.safetensors")
+
+
+def test_lazy_state_dict_does_not_map_the_file(tmp_path):
+    """Reads go through pread, not a memory map: a streamed expert's pages never count towards the RSS."""
+    path = tmp_path / "big.safetensors"
+    save_file({"w": torch.randn(1024, 1024)}, path)
+    lazy = lazy_state_dict(path)
+    assert torch.equal(lazy["w"], lazy["w"])
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(path) not in maps.read_text()

@@ -46,25 +46,84 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 )
 
 
+#: safetensors dtype names -> torch dtype names (resolved lazily: torch is imported on first use)
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_MAX_HEADER = 100 * 2**20
+
+
 class SafetensorsStateDict(Mapping):
-    """A read-only ``Mapping`` over a .safetensors file; each ``[key]`` loads that one tensor (on CPU)."""
+    """A read-only ``Mapping`` over a .safetensors file; each ``[key]`` reads that one tensor (on CPU).
+
+    The tensor's bytes are read with ``pread`` into a fresh buffer, not memory-mapped: a mapped file's pages
+    count towards the process's resident set for as long as the file stays open, so streaming T experts
+    through a mapping would show T experts' worth of RSS although only one block of each is in use. The
+    header is validated up front (offsets inside the file, byte counts matching shapes and dtypes); a bad
+    file raises :class:`~epmq.errors.EPMQError` naming it."""
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
         self.path = Path(path)
         if not self.path.is_file():
             raise EPMQError(f"{self.path}: no such safetensors file")
-        try:
-            self._file = safe_open(str(self.path), framework="pt", device="cpu")
-        except Exception as err:  # safetensors raises its own error types for corrupt headers
-            raise EPMQError(f"{self.path}: not a readable safetensors file ({err})") from err
-        self._keys = tuple(self._file.keys())
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= min(_MAX_HEADER, size - 8):
+                raise EPMQError(f"{self.path}: not a readable safetensors file (bad header length)")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as err:
+                raise EPMQError(f"{self.path}: not a readable safetensors file (header: {err})") from err
+        if not isinstance(header, dict):
+            raise EPMQError(f"{self.path}: not a readable safetensors file (header is not an object)")
+        self._meta = header.pop("__metadata__", None) or {}
+        self._start = 8 + n
+        self._entries = {}
+        for key, e in header.items():
+            try:
+                dtype, shape, (b, end) = e["dtype"], [int(d) for d in e["shape"]], e["data_offsets"]
+            except (KeyError, TypeError, ValueError) as err:
+                raise EPMQError(f"{self.path}: tensor {key!r}: malformed header entry") from err
+            if dtype not in _ST_DTYPES:
+                raise EPMQError(f"{self.path}: tensor {key!r}: unsupported dtype {dtype!r}")
+            if not (0 <= b <= end <= size - self._start) or any(d < 0 for d in shape):
+                raise EPMQError(f"{self.path}: tensor {key!r}: data offsets outside the file (truncated?)")
+            self._entries[key] = (dtype, tuple(shape), b, end)
+        self._keys = tuple(sorted(self._entries))  # as safe_open lists them
+        # one descriptor for the object's life: every read sees the file that was validated, even if a new
+        # one is later moved over its path
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._keys:
+        import math
+
+        import torch
+
+        if key not in self._entries:
             raise KeyError(key)
-        return self._file.get_tensor(key)
+        dtype_name, shape, b, end = self._entries[key]
+        dtype = getattr(torch, _ST_DTYPES[dtype_name])
+        numel = math.prod(shape)
+        nbytes = end - b
+        if nbytes != numel * torch.empty((), dtype=dtype).element_size():
+            raise EPMQError(f"{self.path}: tensor {key!r}: {nbytes} bytes for shape {list(shape)} {dtype_name}")
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        buf = bytearray(nbytes)
+        got = _read_at(self._fd, buf, self._start + b)
+        if got != nbytes:
+            raise EPMQError(f"{self.path}: tensor {key!r}: file ended after {got} of {nbytes} bytes (truncated?)")
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -74,7 +133,24 @@ class SafetensorsStateDict(Mapping):
 
     def metadata(self) -> dict[str, str]:
         """The file's string metadata (empty when it has none)."""
-        return self._file.metadata() or {}
+        return dict(self._meta)
+
+
+def _read_at(fd: int, buf: bytearray, offset: int) -> int:
+    """Fill ``buf`` from ``fd`` at ``offset`` (looping: one read returns at most ~2 GiB); bytes read."""
+    view, got = memoryview(buf), 0
+    while got < len(buf):
+        if hasattr(os, "preadv"):
+            k = os.preadv(fd, [view[got:]], offset + got)
+        else:  # no preadv (Windows): seek + read, fine for the one reader of this descriptor
+            os.lseek(fd, offset + got, os.SEEK_SET)
+            chunk = os.read(fd, min(len(buf) - got, 2**30))
+            k = len(chunk)
+            view[got:got + k] = chunk
+        if k == 0:
+            break
+        got += k
+    return got
 
 
 def lazy_state_dict(path: str | os.PathLike) -> SafetensorsStateDict:
