@@ -59,7 +59,7 @@ CSV_COLUMNS = [
     "variant", "seconds", "speedup_vs_reference", "ratio_vs_gptq", "peak_rss_mb", "peak_gpu_mb", "n_layers",
     "mean_rel_err", "rel_err_diff_vs_reference", "device", "device_name", "torch_version", "python_version",
     "threads", "arch", "blocks", "width", "tasks", "n_per_task", "batch_size", "image_size", "bits", "group_size",
-    "damp", "block_size", "pert", "lam", "seed", "small", "isolated", "kernel", "engine_note",
+    "damp", "block_size", "pert", "lam", "seed", "small", "isolated", "experts_streamed", "kernel", "engine_note",
 ]
 
 LAYER_COLUMNS = [
@@ -108,13 +108,15 @@ def build_visual(arch: str, image_size: int, blocks: int | None, width: int | No
     return model.eval()
 
 
-def setup(args) -> tuple[nn.Module, list[dict], list[list[torch.Tensor]]]:
-    """(merged model, expert state dicts, per-task calibration batches), all on the CPU, deterministic."""
+def _base(args) -> nn.Module:
     torch.manual_seed(args.seed)
-    base = build_visual(args.arch, args.image_size, args.blocks, args.width)
-    base_sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    return build_visual(args.arch, args.image_size, args.blocks, args.width)
+
+
+def _experts(base_sd: dict, args):
+    """Yield the T expert state dicts one at a time (one generator in order: the same numbers whether they are
+    kept in memory or written to ``--experts-dir``)."""
     gen = torch.Generator().manual_seed(args.seed + 1)
-    experts = []
     for _ in range(args.tasks):
         sd = {}
         for k, v in base_sd.items():
@@ -123,13 +125,70 @@ def setup(args) -> tuple[nn.Module, list[dict], list[list[torch.Tensor]]]:
                 sd[k] = v + args.pert * rms * torch.randn(v.shape, generator=gen, dtype=v.dtype)
             else:
                 sd[k] = v.clone()
-        experts.append(sd)
+        yield sd
+
+
+def _experts_meta(args) -> dict:
+    keys = ("arch", "image_size", "blocks", "width", "tasks", "pert", "seed")
+    return {k: str(getattr(args, k)) for k in keys}
+
+
+def expert_paths(args) -> list[Path]:
+    return [Path(args.experts_dir) / f"expert{t:02d}.safetensors" for t in range(args.tasks)]
+
+
+def write_experts(args) -> list[Path]:
+    """``--experts-dir``: write the T experts as safetensors (one in memory at a time), unless files written
+    with the same settings are there already. Runs in the parent process, so no variant's RSS pays for it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    paths, meta = expert_paths(args), _experts_meta(args)
+
+    def current(path):
+        if not path.is_file():
+            return False
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}) == meta
+
+    if all(current(p) for p in paths):
+        return paths
+    Path(args.experts_dir).mkdir(parents=True, exist_ok=True)
+    base_sd = {k: v.detach().clone() for k, v in _base(args).state_dict().items()}
+    for path, sd in zip(paths, _experts(base_sd, args)):
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+        del sd
+    return paths
+
+
+def setup(args) -> tuple[nn.Module, list, list[list[torch.Tensor]]]:
+    """(merged model, experts, per-task calibration batches), all on the CPU, deterministic.
+
+    In memory, the experts are state dicts. With ``--experts-dir`` they are lazy safetensors state dicts (the
+    files :func:`write_experts` made) and the merge is streamed tensor by tensor into the model's own
+    parameters, so the process never holds more than the model plus one tensor per expert: the peak RSS is
+    then the streamed engine's. Both give the same merged weights."""
+    base = _base(args)
     lam = 1.0 / args.tasks
-    merged_sd = {
-        k: v + lam * sum(e[k] - v for e in experts) if v.is_floating_point() else v for k, v in base_sd.items()
-    }
-    merged = base
-    merged.load_state_dict(merged_sd)
+    if args.experts_dir:
+        from epmq.merge.driver import lazy_state_dict
+
+        experts = [lazy_state_dict(p) for p in expert_paths(args)]
+        with torch.no_grad():
+            for k, v in base.state_dict().items():  # views of the parameters: updated in place
+                if v.is_floating_point():
+                    v.add_(lam * sum(e[k] - v for e in experts))
+        merged = base
+    else:
+        base_sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
+        experts = list(_experts(base_sd, args))
+        merged_sd = {
+            k: v + lam * sum(e[k] - v for e in experts) if v.is_floating_point() else v for k, v in base_sd.items()
+        }
+        merged = base
+        merged.load_state_dict(merged_sd)
     calib = []
     for t in range(args.tasks):
         g = torch.Generator().manual_seed(args.seed + 1000 + t)
@@ -234,7 +293,7 @@ def run_variant(variant: str, args) -> dict:
 def _argv_for(args) -> list[str]:
     out = []
     for k, v in vars(args).items():
-        if k in ("only", "json_out", "out", "no_isolate", "small", "no_layers"):
+        if k in ("only", "json_out", "out", "no_isolate", "small", "no_layers", "variants") or v is None:
             continue
         out += [f"--{k.replace('_', '-')}", str(v)]
     return out
@@ -259,12 +318,18 @@ def bench(args) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {}
+    if args.experts_dir:
+        t0 = time.perf_counter()
+        write_experts(args)
+        print(f"experts in {args.experts_dir} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     try:
-        for v in VARIANTS:
+        for v in args.variants:
             results[v] = run_variant(v, args) if args.no_isolate else run_isolated(v, args)
     finally:
         torch.set_num_threads(prev_threads)
-    ref, gq = results["reference"], results["gptq"]
+    nan = {"seconds": float("nan"), "layers": {}}
+    ref, gq = results.get("reference", nan), results.get("gptq", nan)
+    first = next(iter(results.values()))
     meta = {
         "device": device.type,
         "device_name": device_name(device),
@@ -272,8 +337,8 @@ def bench(args) -> list[dict]:
         "python_version": platform.python_version(),
         "threads": args.threads or prev_threads,
         "arch": args.arch,
-        "blocks": ref["n_blocks"],
-        "width": ref["width"],
+        "blocks": first["n_blocks"],
+        "width": first["width"],
         "tasks": args.tasks,
         "n_per_task": args.n_per_task,
         "batch_size": args.batch_size,
@@ -287,15 +352,17 @@ def bench(args) -> list[dict]:
         "seed": args.seed,
         "small": bool(args.small),
         "isolated": not args.no_isolate,
+        "experts_streamed": bool(args.experts_dir),
         "kernel": kernel_name(device),
         "engine_note": ENGINE_NOTE,
     }
     rows = []
-    for v in VARIANTS:
+    for v in args.variants:
         r = results[v]
         errs = r["layers"]
         common = [k for k in errs if k in ref["layers"]]
-        diff = sum(abs(errs[k] - ref["layers"][k]) / max(ref["layers"][k], 1e-30) for k in common) / max(len(common), 1)
+        diff = (sum(abs(errs[k] - ref["layers"][k]) / max(ref["layers"][k], 1e-30) for k in common) / len(common)
+                if common else float("nan"))
         rows.append({
             "variant": v,
             "seconds": r["seconds"],
@@ -398,7 +465,8 @@ def format_table(rows: list[dict]) -> str:
     m = rows[0]
     head = (f"{m['arch']} blocks={m['blocks']} T={m['tasks']} N={m['n_per_task']} bs={m['batch_size']} "
             f"{m['image_size']}px bits={m['bits']} g={m['group_size']} | {m['device']}: {m['device_name']} | "
-            f"torch {m['torch_version']} threads={m['threads']}")
+            f"torch {m['torch_version']} threads={m['threads']}"
+            + (" | experts streamed from safetensors" if m.get("experts_streamed") else ""))
     cols = [("variant", "{}"), ("seconds", "{:.2f}"), ("speedup_vs_reference", "{:.2f}x"),
             ("ratio_vs_gptq", "{:.2f}x"), ("peak_rss_mb", "{:.0f}"), ("peak_gpu_mb", "{:.0f}"),
             ("mean_rel_err", "{:.4g}"), ("rel_err_diff_vs_reference", "{:.3g}")]
@@ -432,9 +500,17 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="CSV path (default bench/results/<device>-<arch>[-small].csv)")
     p.add_argument("--no-isolate", action="store_true", help="run the variants in this process (RSS not per variant)")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer-shape rounding table")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (ratios to a missing one are NaN)")
+    p.add_argument("--experts-dir", default=None,
+                   help="write the experts there as safetensors (reused when current) and stream them: the "
+                        "engine reads one block at a time, the merge one tensor at a time (peak-RSS runs)")
     p.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--json-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not args.variants or any(v not in VARIANTS for v in args.variants):
+        p.error(f"--variants {','.join(args.variants)!r}: expected a subset of {','.join(VARIANTS)}")
     small = {"tasks": 2, "n_per_task": 8, "batch_size": 8, "blocks": 2}
     full = {"tasks": 8, "n_per_task": 256, "batch_size": 64, "blocks": 0}
     for k, v in (small if args.small else full).items():

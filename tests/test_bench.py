@@ -59,3 +59,37 @@ def test_bench_layers_compares_engines(qb, tmp_path):
     with open(out, newline="") as f:
         assert csv.DictReader(f).fieldnames == qb.LAYER_COLUMNS
     assert "whole model" in qb.format_layers(rows)
+
+
+def test_bench_streamed_experts_match_in_memory(qb, tmp_path):
+    """--experts-dir: the experts go to safetensors (reused when current) and are read lazily; the merged
+    weights, the experts' tensors and the E-PMQ result equal the in-memory setup's."""
+    import torch
+
+    from epmq.merge.driver import SafetensorsStateDict
+
+    argv = ["--device", "cpu", "--blocks", "1", "--tasks", "2", "--n-per-task", "2", "--batch-size", "2",
+            "--image-size", "64", "--width", "64", "--group-size", "32", "--no-isolate"]
+    mem = qb.parse_args(argv)
+    streamed = qb.parse_args(argv + ["--experts-dir", str(tmp_path / "ex"), "--variants", "epmq"])
+    paths = qb.write_experts(streamed)
+    mtimes = [p.stat().st_mtime_ns for p in paths]
+    assert qb.write_experts(streamed) == paths and [p.stat().st_mtime_ns for p in paths] == mtimes  # reused
+    m_model, m_experts, m_calib = qb.setup(mem)
+    s_model, s_experts, s_calib = qb.setup(streamed)
+    assert all(isinstance(e, SafetensorsStateDict) for e in s_experts)
+    for k, v in m_model.state_dict().items():
+        assert torch.equal(v, s_model.state_dict()[k]), k
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(m_experts, s_experts)), k
+    rows = qb.bench(streamed)
+    assert [r["variant"] for r in rows] == ["epmq"] and rows[0]["experts_streamed"] is True
+    assert rows[0]["speedup_vs_reference"] != rows[0]["speedup_vs_reference"]  # NaN: no reference run
+    mem_rows = {r["variant"]: r for r in qb.bench(mem)}
+    assert rows[0]["mean_rel_err"] == pytest.approx(mem_rows["epmq"]["mean_rel_err"], rel=1e-6)
+    streamed.tasks = 3  # other settings: the files are rewritten
+    assert len(qb.write_experts(streamed)) == 3
+
+
+def test_bench_rejects_unknown_variant(qb):
+    with pytest.raises(SystemExit):
+        qb.parse_args(["--variants", "gptq,fast"])
