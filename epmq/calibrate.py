@@ -650,6 +650,17 @@ def _write(site: Site, Q: torch.Tensor, bias: torch.Tensor | None) -> None:
             site.bias.data.copy_(bias.to(site.bias.device, site.bias.dtype))
 
 
+def _share_weight(result, site: Site):
+    """``result`` whose fake-quant ``weight`` is the layer's own (just written, same values): no second copy
+    of every quantized weight stays alive in the report (1.2 GB at ViT-L/14). Kept as it is when the layer
+    holds another dtype or device than the result."""
+    w = site.weight
+    r = result.weight
+    if w.dtype == r.dtype and w.device == r.device and w.shape == r.shape and torch.equal(w, r):
+        result.weight = w.detach()
+    return result
+
+
 def quantize_model(
     model: nn.Module,
     calib: Sequence[Sequence] | None,
@@ -675,6 +686,8 @@ def quantize_model(
 
     Returns:
         a :class:`QuantizeReport` with the :class:`QuantResult` of every rounded weight (full state-dict names).
+        A result's ``weight`` is the model's own weight tensor (the values just written), not a copy, when the
+        layer is float32 on the compute device: the report adds only codes, scales and zeros to memory.
     """
     spec = cfg.spec
     report = QuantizeReport()
@@ -732,7 +745,7 @@ def quantize_model(
                 site, full = plan.site, plan.full
                 _write(site, Q, bias)
                 if result is not None:
-                    report.results[full] = result
+                    report.results[full] = _share_weight(result, site)
                 if bias is not None:
                     report.biases[prefix + site.bias_name] = bias
                 report.layers.append(log)

@@ -474,3 +474,14 @@ def test_shared_gptq_results_pack_and_reload(setting, tmp_path):
     for k, r in rep.results.items():  # every packed layer dequantizes to the fake-quant weight
         mod, attr = k.rsplit(".", 1)
         assert torch.equal(getattr(back.get_submodule(mod), attr).float(), r.weight), k
+
+
+def test_report_results_share_the_layer_weight(setting):
+    """No second copy of every quantized weight: a result's fake-quant weight is the layer's own tensor."""
+    name, merged, experts, calib, _ = setting
+    model = copy.deepcopy(merged)
+    rep = quantize_model(model, calib, QuantConfig(method="gptq", bits=3), progress=False)
+    sd = model.state_dict()
+    assert rep.results
+    for k, res in rep.results.items():
+        assert res.weight.data_ptr() == sd[k].data_ptr() and torch.equal(res.weight, sd[k]), (name, k)
