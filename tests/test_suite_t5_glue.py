@@ -263,8 +263,8 @@ def test_sequential_decoder_sees_the_quantized_encoder(built, monkeypatch):
     seen = []
     real = C._capture_block_inputs
 
-    def spy(model, block, adapter, batches, device, dtype=None, stack=0):
-        calls = real(model, block, adapter, batches, device, dtype, stack)
+    def spy(model, block, adapter, batches, device, dtype=None, stack=0, *rest, **kw):
+        calls = real(model, block, adapter, batches, device, dtype, stack, *rest, **kw)
         if stack == 1:
             seen.append((model, [copy.deepcopy(c.args[3]) for c in calls]))
         return calls
