@@ -179,3 +179,31 @@ def test_build_base_builds_heads_and_threads_is_no_setting(built, tmp_path):
         MiniLMSuite(tmp_path, threads=0)
     r = suite.evaluate_all(suite.load_encoder(suite.base_state_dict()), split="validation")
     assert set(r) == {"tasks", "mean"} and set(r["tasks"]) == set(suite.tasks)
+
+
+def test_evaluate_toy_classifier_gives_the_exact_accuracy(built):
+    """A known classifier: every token's hidden state is one of two fixed vectors, chosen by whether the
+    example has more than the median number of tokens. The record must count exactly the examples that rule
+    gets right, although evaluation sorts by length and trims each batch's padding."""
+    _, suite, _, _ = built
+    task = "spam"
+    ids, mask, y = suite._tokens(task, "test")
+    head = suite.head(task)
+    dim = suite.config.hidden_size
+    vecs = torch.randn(2, dim, generator=torch.Generator().manual_seed(0))
+    lengths = mask.sum(1)
+    cut = lengths.float().median()
+
+    class Toy(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, **kw):
+            which = (attention_mask.sum(1) > cut).long()
+            return vecs[which][:, None, :].expand(-1, input_ids.shape[1], -1)
+
+    with torch.no_grad(), suite._autocast():
+        one = torch.ones(2, 1, dtype=torch.long)
+        pred_of = head(vecs[:, None, :], one).argmax(-1)  # the head's class for each of the two vectors
+    expected = int((pred_of[(lengths > cut).long()] == y).sum())
+    assert 0 < expected < len(y)
+    rec = suite.evaluate(Toy(), task)
+    assert rec["correct"] == expected and rec["n"] == len(y)
+    assert rec["accuracy"] == 100.0 * (expected / len(y))

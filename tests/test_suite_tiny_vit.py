@@ -168,3 +168,23 @@ def test_layout_build_base_heads_and_evaluate_all(built, tmp_path):
     r = suite.evaluate_all(a, split="validation")
     assert set(r) == {"tasks", "mean"} and r["mean"] == pytest.approx(
         sum(v["accuracy"] for v in r["tasks"].values()) / len(r["tasks"]))
+
+
+def test_evaluate_toy_classifier_gives_the_exact_accuracy(built):
+    """A known classifier: images brighter than the split's median get class 1's prototype, the rest class
+    0's. The record must count exactly the examples this rule gets right (across the batch boundaries)."""
+    suite, _ = built
+    x, y = suite.split("digits", "test")
+    protos = suite.head("digits").weight
+    cut = x.flatten(1).mean(1).median()
+
+    class Toy(torch.nn.Module):
+        def forward(self, images):
+            return protos[(images.flatten(1).mean(1) > cut).long()]
+
+    expected = int(((x.flatten(1).mean(1) > cut).long() == y).sum())
+    assert 0 < expected < len(y)
+    for bs in (7, len(y)):  # a last partial batch, and one batch
+        rec = TinyViTSuite(suite.cache_dir, seed=0, **{**TINY, "eval_batch_size": bs}).evaluate(Toy(), "digits")
+        assert rec["correct"] == expected and rec["n"] == len(y)
+        assert rec["accuracy"] == 100.0 * (expected / len(y))
