@@ -947,38 +947,51 @@ def fetch(cache_dir, *, seed: int = 0, preprocess: bool = False, **options) -> d
 # --------------------------------------------------------------------------------------------- CLI
 
 
-def _table(suite: ClipSuite) -> str:
+def _table(suite, base_label: str, width: int) -> str:
+    """Build everything, then one row of per-task test scores for the base and one for the experts."""
     suite.build_all()
     base = suite.evaluate_all(suite.base_encoder())["tasks"]
     experts = {t: suite.evaluate(suite.expert_encoder(t), t) for t in suite.tasks}
-    lines = [f"{'model':<20}" + "".join(f"{t[:13]:>14}" for t in suite.tasks) + f"{'mean':>8}"]
-    for name, recs in (("zero-shot base", base), ("expert (own task)", experts)):
+    lines = [f"{'model':<20}" + "".join(f"{t[:width - 1]:>{width}}" for t in suite.tasks) + f"{'mean':>8}"]
+    for name, recs in ((base_label, base), ("expert (own task)", experts)):
         mean = sum(r["accuracy"] for r in recs.values()) / len(recs)
-        lines.append(f"{name:<20}" + "".join(f"{recs[t]['accuracy']:>14.2f}" for t in suite.tasks) + f"{mean:>8.2f}")
+        lines.append(f"{name:<20}" + "".join(f"{recs[t]['accuracy']:>{width}.2f}" for t in suite.tasks)
+                     + f"{mean:>8.2f}")
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def hub_suite_cli(argv, *, module: str, doc: str, name: str, suite_cls, fetch_fn, base_label: str, width: int,
+                  preprocess_flag: bool) -> int:
+    """``python -m epmq.suites.<module> fetch|build``, shared by the hub suites: ``fetch`` downloads (and with
+    ``preprocess_flag``, ``--preprocess`` also preprocesses), ``build`` prints :func:`_table`. Errors: one line,
+    exit 2."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m epmq.suites.clip", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m epmq.suites.{module}", description=doc.split("\n")[0])
     p.add_argument("command", choices=["fetch", "build"])
     p.add_argument("--cache", required=True, help="suite cache folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="suite option (JSON value)")
-    p.add_argument("--preprocess", action="store_true", help="fetch: also write the preprocessed data caches")
+    if preprocess_flag:
+        p.add_argument("--preprocess", action="store_true", help="fetch: also write the preprocessed data caches")
     a = p.parse_args(argv)
     options = parse_set_options(a.set)
     try:
         if a.command == "fetch":
-            out = fetch(a.cache, seed=a.seed, preprocess=a.preprocess, **options)
-            print(f"clip: {len(out['models'])} model source(s) and {len(out['datasets'])} dataset(s) available")
+            extra = {"preprocess": a.preprocess} if preprocess_flag else {}
+            out = fetch_fn(a.cache, seed=a.seed, **extra, **options)
+            print(f"{name}: {len(out['models'])} model source(s) and {len(out['datasets'])} dataset(s) available")
         else:
-            print(_table(ClipSuite(a.cache, seed=a.seed, **options)))
+            print(_table(suite_cls(a.cache, seed=a.seed, **options), base_label, width))
         return 0
     except EPMQError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def main(argv=None) -> int:
+    return hub_suite_cli(argv, module="clip", doc=__doc__, name="clip", suite_cls=ClipSuite, fetch_fn=fetch,
+                         base_label="zero-shot base", width=14, preprocess_flag=True)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ from pathlib import Path
 from epmq.errors import EPMQError
 from epmq.evaluate import accuracy_record
 from epmq.io import save_safetensors_atomic, write_json_atomic
-from epmq.suites.base import Suite, parse_set_options
+from epmq.suites.base import Suite
 from epmq.suites.clip import (
     HubSuiteMixin,
     _datasets_offline_mode,
@@ -93,6 +93,7 @@ from epmq.suites.clip import (
     _revision,
     datasets_offline,
     hub_offline,
+    hub_suite_cli,
 )
 from epmq.tasks.glue import GLUE_TASKS, format_example, get_glue_task, score, target_text
 
@@ -592,37 +593,9 @@ def fetch(cache_dir, *, seed: int = 0, preprocess: bool = True, **options) -> di
 # --------------------------------------------------------------------------------------------- CLI
 
 
-def _table(suite: T5GlueSuite) -> str:
-    suite.build_all()
-    base = suite.evaluate_all(suite.base_encoder())["tasks"]
-    experts = {t: suite.evaluate(suite.expert_encoder(t), t) for t in suite.tasks}
-    lines = [f"{'model':<20}" + "".join(f"{t:>8}" for t in suite.tasks) + f"{'mean':>8}"]
-    for name, recs in (("base", base), ("expert (own task)", experts)):
-        mean = sum(r["accuracy"] for r in recs.values()) / len(recs)
-        lines.append(f"{name:<20}" + "".join(f"{recs[t]['accuracy']:>8.2f}" for t in suite.tasks) + f"{mean:>8.2f}")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m epmq.suites.glue_t5", description=__doc__.split("\n")[0])
-    p.add_argument("command", choices=["fetch", "build"])
-    p.add_argument("--cache", required=True, help="suite cache folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="suite option (JSON value)")
-    a = p.parse_args(argv)
-    options = parse_set_options(a.set)
-    try:
-        if a.command == "fetch":
-            out = fetch(a.cache, seed=a.seed, **options)
-            print(f"t5-glue: {len(out['models'])} model source(s) and {len(out['datasets'])} dataset(s) available")
-        else:
-            print(_table(T5GlueSuite(a.cache, seed=a.seed, **options)))
-        return 0
-    except EPMQError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return hub_suite_cli(argv, module="glue_t5", doc=__doc__, name="t5-glue", suite_cls=T5GlueSuite, fetch_fn=fetch,
+                         base_label="base", width=8, preprocess_flag=False)
 
 
 if __name__ == "__main__":
