@@ -469,6 +469,10 @@ def test_lazy_state_dict_reads_every_dtype_and_validates_the_file(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + raw)
     with pytest.raises(EPMQError, match=r"junk\.safetensors: not a readable safetensors file"):
         lazy_state_dict(tmp_path / "junk.safetensors")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}).encode()
+    (tmp_path / "short_w.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    with pytest.raises(EPMQError, match=r"short_w\.safetensors: tensor 'w': 4 bytes for shape \[2\] F32"):
+        lazy_state_dict(tmp_path / "short_w.safetensors")  # caught when the header is read, not on first use
     (tmp_path / "tiny.safetensors").write_bytes(b"\x01\x02")
     with pytest.raises(EPMQError, match=r"tiny\.safetensors: not a readable"):
         lazy_state_dict(tmp_path / "tiny.safetensors")

@@ -21,6 +21,7 @@ naming the key and the expert index.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -46,10 +47,11 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 )
 
 
-#: safetensors dtype names -> torch dtype names (resolved lazily: torch is imported on first use)
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+#: safetensors dtype names -> (torch dtype name, bytes per element); torch is resolved on first read
+_ST_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+              "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+              "U8": ("uint8", 1), "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1),
+              "F8_E5M2": ("float8_e5m2", 1)}
 _MAX_HEADER = 100 * 2**20
 
 
@@ -90,7 +92,9 @@ class SafetensorsStateDict(Mapping):
                 raise EPMQError(f"{self.path}: tensor {key!r}: unsupported dtype {dtype!r}")
             if not (0 <= b <= end <= size - self._start) or any(d < 0 for d in shape):
                 raise EPMQError(f"{self.path}: tensor {key!r}: data offsets outside the file (truncated?)")
-            self._entries[key] = (dtype, tuple(shape), b, end)
+            if end - b != math.prod(shape) * _ST_DTYPES[dtype][1]:
+                raise EPMQError(f"{self.path}: tensor {key!r}: {end - b} bytes for shape {shape} {dtype}")
+            self._entries[key] = (_ST_DTYPES[dtype][0], tuple(shape), b, end)
         self._keys = tuple(sorted(self._entries))  # as safe_open lists them
         # one descriptor for the object's life: every read sees the file that was validated, even if a new
         # one is later moved over its path
@@ -105,19 +109,14 @@ class SafetensorsStateDict(Mapping):
                 pass
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        import math
-
         import torch
 
         if key not in self._entries:
             raise KeyError(key)
-        dtype_name, shape, b, end = self._entries[key]
-        dtype = getattr(torch, _ST_DTYPES[dtype_name])
-        numel = math.prod(shape)
-        nbytes = end - b
-        if nbytes != numel * torch.empty((), dtype=dtype).element_size():
-            raise EPMQError(f"{self.path}: tensor {key!r}: {nbytes} bytes for shape {list(shape)} {dtype_name}")
-        if numel == 0:
+        torch_name, shape, b, end = self._entries[key]
+        dtype = getattr(torch, torch_name)
+        nbytes = end - b  # = numel * itemsize, checked when the header was read
+        if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         buf = bytearray(nbytes)
         got = _read_at(self._fd, buf, self._start + b)
