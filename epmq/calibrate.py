@@ -79,10 +79,8 @@ class QuantConfig:
             raise EPMQError(f"method={self.method!r}: expected one of {sorted(METHODS)}")
         if self.propagation not in ("sequential", "fp"):
             raise EPMQError(f"propagation={self.propagation!r}: expected 'sequential' or 'fp'")
-        if self.forward_dtype not in FORWARD_DTYPES:
-            raise EPMQError(f"forward_dtype={self.forward_dtype!r}: expected one of {sorted(FORWARD_DTYPES)}")
-        if self.act_dtype not in ACT_DTYPES:
-            raise EPMQError(f"act_dtype={self.act_dtype!r}: expected one of {sorted(ACT_DTYPES)}")
+        _named_dtype("forward_dtype", self.forward_dtype)
+        _named_dtype("act_dtype", self.act_dtype)
 
     @property
     def spec(self) -> QuantMethod:
@@ -194,6 +192,16 @@ def _to(x, device):
 FORWARD_DTYPES = DTYPES  # statistics are accumulated in float32 whatever the forward dtype
 #: ``act_dtype`` name -> dtype the propagated hidden states are stored in between blocks (None: as computed)
 ACT_DTYPES = DTYPES
+_DTYPE_KNOBS = {"forward_dtype": FORWARD_DTYPES, "act_dtype": ACT_DTYPES}
+
+
+def _named_dtype(knob: str, name: str) -> torch.dtype | None:
+    """The dtype a ``forward_dtype`` / ``act_dtype`` name stands for (None: float32, no cast); a clear error
+    naming the knob otherwise."""
+    table = _DTYPE_KNOBS[knob]
+    if name not in table:
+        raise EPMQError(f"{knob}={name!r}: expected one of {sorted(table)}")
+    return table[name]
 
 
 def _keep(call: _Call, store: torch.dtype | None) -> _Call:
@@ -344,13 +352,9 @@ class _Streams:
 class _Engine:
     def __init__(self, model, calib, experts, adapter, device, progress, desc, forward_dtype="fp32",
                  act_dtype="fp32"):
-        if forward_dtype not in FORWARD_DTYPES:
-            raise EPMQError(f"forward_dtype={forward_dtype!r}: expected one of {sorted(FORWARD_DTYPES)}")
-        if act_dtype not in ACT_DTYPES:
-            raise EPMQError(f"act_dtype={act_dtype!r}: expected one of {sorted(ACT_DTYPES)}")
-        self.dtype = FORWARD_DTYPES[forward_dtype]
+        self.dtype = _named_dtype("forward_dtype", forward_dtype)
         #: storage dtype of the hidden states kept between blocks (None: as computed)
-        self.store = ACT_DTYPES[act_dtype]
+        self.store = _named_dtype("act_dtype", act_dtype)
         self.act_dtype = act_dtype
         self.model = model
         self.adapter = adapter if isinstance(adapter, Adapter) else get_adapter(model, adapter)
@@ -740,7 +744,6 @@ def quantize_model(
                             raise EPMQError(f"statistics have no entry for {full!r}")
                         folded = _fold(engine, cfg, idx, site, [{site.input_key: s} for s in stats[full]], use_experts)
                 plans.append(_plan(cfg, site, full, folded))
-            folds = None
             for plan, Q, bias, result, log in _quantize_group(cfg, plans):
                 site, full = plan.site, plan.full
                 _write(site, Q, bias)

@@ -14,10 +14,14 @@ import torch
 DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _dtype(name_or_dtype) -> torch.dtype | None:
+    return DTYPES[name_or_dtype] if isinstance(name_or_dtype, str) else name_or_dtype
+
+
 def autocast(device, name_or_dtype):
     """``torch.autocast`` on ``device``'s type in ``name_or_dtype`` (a :data:`DTYPES` key or a dtype); a null
     context for ``"fp32"`` / None."""
-    dtype = DTYPES[name_or_dtype] if isinstance(name_or_dtype, str) else name_or_dtype
+    dtype = _dtype(name_or_dtype)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
@@ -29,7 +33,7 @@ def linear_weights_in(module: torch.nn.Module, name_or_dtype):
     for the duration (the fp32 tensors come back on exit). Autocast casts a Linear's weight on every call;
     casting once gives the same bits (a cast of a cast is a no-op) without the per-batch copies. A null
     context for ``"fp32"``."""
-    dtype = DTYPES[name_or_dtype] if isinstance(name_or_dtype, str) else name_or_dtype
+    dtype = _dtype(name_or_dtype)
     if dtype is None:
         yield module
         return
