@@ -140,16 +140,14 @@ def expert_paths(args) -> list[Path]:
 def write_experts(args) -> list[Path]:
     """``--experts-dir``: write the T experts as safetensors (one in memory at a time), unless files written
     with the same settings are there already. Runs in the parent process, so no variant's RSS pays for it."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
+
+    from epmq.merge.driver import lazy_state_dict
 
     paths, meta = expert_paths(args), _experts_meta(args)
 
     def current(path):
-        if not path.is_file():
-            return False
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}) == meta
+        return path.is_file() and lazy_state_dict(path).metadata() == meta
 
     if all(current(p) for p in paths):
         return paths
@@ -170,25 +168,18 @@ def setup(args) -> tuple[nn.Module, list, list[list[torch.Tensor]]]:
     files :func:`write_experts` made) and the merge is streamed tensor by tensor into the model's own
     parameters, so the process never holds more than the model plus one tensor per expert: the peak RSS is
     then the streamed engine's. Both give the same merged weights."""
-    base = _base(args)
-    lam = 1.0 / args.tasks
+    merged = _base(args)
     if args.experts_dir:
         from epmq.merge.driver import lazy_state_dict
 
         experts = [lazy_state_dict(p) for p in expert_paths(args)]
-        with torch.no_grad():
-            for k, v in base.state_dict().items():  # views of the parameters: updated in place
-                if v.is_floating_point():
-                    v.add_(lam * sum(e[k] - v for e in experts))
-        merged = base
     else:
-        base_sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
-        experts = list(_experts(base_sd, args))
-        merged_sd = {
-            k: v + lam * sum(e[k] - v for e in experts) if v.is_floating_point() else v for k, v in base_sd.items()
-        }
-        merged = base
-        merged.load_state_dict(merged_sd)
+        experts = list(_experts({k: v.detach().clone() for k, v in merged.state_dict().items()}, args))
+    lam = 1.0 / args.tasks
+    with torch.no_grad():
+        for k, v in merged.state_dict().items():  # views of the parameters: the base becomes the merge in place
+            if v.is_floating_point():
+                v.add_(lam * sum(e[k] - v for e in experts))
     calib = []
     for t in range(args.tasks):
         g = torch.Generator().manual_seed(args.seed + 1000 + t)
