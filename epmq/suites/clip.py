@@ -366,6 +366,40 @@ class HubSuiteMixin:
         except Exception:  # noqa: BLE001 -- unreadable: rebuilt
             return False
 
+    def _hf_dataset(self, task: str, hf_dataset: str, hf_config, split: str, columns, *, name: str,
+                    source: str, fetch_hint: str, download_mode=None):
+        """Split ``split`` of ``task``'s dataset: from ``cfg["datasets"][task]`` (a ``save_to_disk`` folder) when
+        given, else from the hub (offline mode unless the caller downloads), with ``columns`` checked. Every
+        failure is one ``EPMQError`` line naming the task; ``name`` and ``source`` name the dataset in the load
+        and column messages, ``fetch_hint`` says how to get it."""
+        import datasets
+
+        local = (self.cfg["datasets"] or {}).get(task)
+        if local is not None:
+            try:
+                d = datasets.load_from_disk(str(local))
+            except Exception as e:  # noqa: BLE001 -- FileNotFoundError, corrupt folder, ...
+                raise EPMQError(f"{task}: cannot read local dataset {local} ({type(e).__name__}: "
+                                f"{_first_line(e)})") from e
+            if isinstance(d, datasets.DatasetDict):
+                if split not in d:
+                    raise EPMQError(f"{task}: local dataset {local} has no split {split!r} (has {list(d)})")
+                d = d[split]
+        else:
+            try:
+                with _datasets_offline_mode():
+                    d = datasets.load_dataset(hf_dataset, hf_config, split=split, cache_dir=self.cfg["data_dir"],
+                                              download_mode=download_mode)
+            except Exception as e:  # noqa: BLE001 -- offline, not found, network: one message
+                where = "not in the local datasets cache (offline)" if datasets_offline() else "could not be loaded"
+                raise EPMQError(f"{task}: dataset {name} split {split!r} {where} ({type(e).__name__}: "
+                                f"{_first_line(e)}); {fetch_hint} on a machine with internet, or pass "
+                                "datasets={task: folder}") from e
+        for col in columns:
+            if col not in d.column_names:
+                raise EPMQError(f"{task}: dataset {source} has no column {col!r} (columns {d.column_names})")
+        return d
+
     def split_indices(self, task: str, split: str, n_rows: int):
         """Source-row indices (sorted int64 numpy) of ``split`` in a source split of ``n_rows`` rows."""
         import numpy as np
@@ -741,36 +775,12 @@ class ClipSuite(HubSuiteMixin, Suite):
 
     def _dataset(self, task: str, which: str, *, download_mode=None):
         """The raw HF dataset of ``task``'s train (``which="train"``) or test split."""
-        import datasets
-
         t = get_task(task)
-        split = t.train_split if which == "train" else t.test_split
-        local = (self.cfg["datasets"] or {}).get(task)
-        if local is not None:
-            try:
-                d = datasets.load_from_disk(str(local))
-            except Exception as e:  # noqa: BLE001 -- FileNotFoundError, corrupt folder, ...
-                raise EPMQError(f"{task}: cannot read local dataset {local} ({type(e).__name__}: "
-                                f"{_first_line(e)})") from e
-            if isinstance(d, datasets.DatasetDict):
-                if split not in d:
-                    raise EPMQError(f"{task}: local dataset {local} has no split {split!r} (has {list(d)})")
-                d = d[split]
-        else:
-            try:
-                with _datasets_offline_mode():
-                    d = datasets.load_dataset(t.hf_dataset, t.hf_config, split=split, cache_dir=self.cfg["data_dir"],
-                                              download_mode=download_mode)
-            except Exception as e:  # noqa: BLE001 -- offline, not found, network: one message
-                where = "not in the local datasets cache (offline)" if datasets_offline() else "could not be loaded"
-                raise EPMQError(f"{task}: dataset '{t.hf_dataset}' split {split!r} {where} ({type(e).__name__}: "
-                                f"{_first_line(e)}); run the suite's download step (`python -m epmq.suites.clip "
-                                "fetch`) on a machine with internet, or pass datasets={task: folder}") from e
-        for col in (t.image_column, t.label_column):
-            if col not in d.column_names:
-                raise EPMQError(f"{task}: dataset {self.dataset_source(task)} has no column {col!r} "
-                                f"(columns {d.column_names})")
-        return d
+        return self._hf_dataset(
+            task, t.hf_dataset, t.hf_config, t.train_split if which == "train" else t.test_split,
+            (t.image_column, t.label_column), name=f"'{t.hf_dataset}'", source=self.dataset_source(task),
+            fetch_hint="run the suite's download step (`python -m epmq.suites.clip fetch`)",
+            download_mode=download_mode)
 
     def _data_key(self, task: str, split: str) -> dict:
         t = get_task(task)

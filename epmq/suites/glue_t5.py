@@ -88,7 +88,6 @@ from epmq.io import save_safetensors_atomic, write_json_atomic
 from epmq.suites.base import Suite
 from epmq.suites.clip import (
     HubSuiteMixin,
-    _datasets_offline_mode,
     _first_line,
     _revision,
     datasets_offline,
@@ -334,36 +333,12 @@ class T5GlueSuite(HubSuiteMixin, Suite):
 
     def _dataset(self, task: str, which: str, *, download_mode=None):
         """The raw dataset of ``task``'s reported split (``which="test"``) or its train split."""
-        import datasets
-
         t = get_glue_task(task)
         split = self._hf_split(task, which)
-        local = (self.cfg["datasets"] or {}).get(task)
-        if local is not None:
-            try:
-                d = datasets.load_from_disk(str(local))
-            except Exception as e:  # noqa: BLE001 -- FileNotFoundError, corrupt folder, ...
-                raise EPMQError(f"{task}: cannot read local dataset {local} ({type(e).__name__}: "
-                                f"{_first_line(e)})") from e
-            if isinstance(d, datasets.DatasetDict):
-                if split not in d:
-                    raise EPMQError(f"{task}: local dataset {local} has no split {split!r} (has {list(d)})")
-                d = d[split]
-        else:
-            try:
-                with _datasets_offline_mode():
-                    d = datasets.load_dataset(t.hf_dataset, t.hf_config, split=split, cache_dir=self.cfg["data_dir"],
-                                              download_mode=download_mode)
-            except Exception as e:  # noqa: BLE001 -- offline, not found, network: one message
-                where = "not in the local datasets cache (offline)" if datasets_offline() else "could not be loaded"
-                raise EPMQError(f"{task}: dataset '{t.hf_dataset}' ({t.hf_config}) split {split!r} {where} "
-                                f"({type(e).__name__}: {_first_line(e)}); run `python -m epmq.suites.glue_t5 fetch` "
-                                "on a machine with internet, or pass datasets={task: folder}") from e
-        for col in (*t.fields, LABEL_COLUMN):
-            if col not in d.column_names:
-                raise EPMQError(f"{task}: dataset {self.dataset_source(task)} [{split}] has no column {col!r} "
-                                f"(columns {d.column_names})")
-        return d
+        return self._hf_dataset(
+            task, t.hf_dataset, t.hf_config, split, (*t.fields, LABEL_COLUMN),
+            name=f"'{t.hf_dataset}' ({t.hf_config})", source=f"{self.dataset_source(task)} [{split}]",
+            fetch_hint="run `python -m epmq.suites.glue_t5 fetch`", download_mode=download_mode)
 
     def _data_key(self, task: str, split: str) -> dict:
         key = {"source": self.dataset_source(task), "hf_split": self._hf_split(task, split),
