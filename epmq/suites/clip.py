@@ -307,6 +307,38 @@ def _head_class():
 # --------------------------------------------------------------------------------------------- suite
 
 
+def check_hub_options(cfg: dict, who: str, lookup, int_lows) -> tuple:
+    """The option checks the hub suites share (``who`` starts every message): ``tasks`` (set to a tuple,
+    registry spelling via ``lookup``, no repeats), the integer options ``int_lows`` (``(key, lowest)``),
+    ``max_test``, ``experts`` (a dict with every task or a ``{task}`` format string) and ``datasets``. Returns
+    the tasks."""
+    tasks = (cfg["tasks"],) if isinstance(cfg["tasks"], str) else tuple(cfg["tasks"])
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise EPMQError(f"{who}: tasks={list(tasks)!r}: expected a non-empty list without repeats")
+    for t in tasks:
+        if lookup(t).name != t:
+            raise EPMQError(f"{who}: task {t!r}: use the registry's spelling {lookup(t).name!r}")
+    cfg["tasks"] = tasks
+    for key, low in int_lows:
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise EPMQError(f"{who}: {key}={v!r}: expected an integer >= {low}")
+    mt = cfg["max_test"]
+    if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
+        raise EPMQError(f"{who}: max_test={mt!r}: expected None or an integer >= 1")
+    ex = cfg["experts"]
+    if isinstance(ex, Mapping):
+        absent = [t for t in tasks if t not in ex]
+        if absent:
+            raise EPMQError(f"{who}: experts has no source for task(s) {absent}")
+    elif not isinstance(ex, str) or ("{task}" not in ex and len(tasks) > 1):
+        raise EPMQError(f"{who}: experts={ex!r}: expected a format string with '{{task}}' or a dict")
+    ds = cfg["datasets"]
+    if ds is not None and not isinstance(ds, Mapping):
+        raise EPMQError(f"{who}: datasets={ds!r}: expected a dict task -> local dataset folder")
+    return tasks
+
+
 class HubSuiteMixin:
     """Cache layout, seeded splits and small helpers shared by the hub-backed suites (``clip``, ``t5-glue``).
     Expects ``cache_dir``, ``seed``, ``_device_cache`` and ``cfg`` (``experts``, ``device``, ``progress``,
@@ -432,30 +464,8 @@ class ClipSuite(HubSuiteMixin, Suite):
             raise EPMQError(f"clip suite: layout={cfg['layout']!r}: expected one of {list(LAYOUTS)}")
         if cfg["precision"] not in PRECISIONS:
             raise EPMQError(f"clip suite: precision={cfg['precision']!r}: expected one of {list(PRECISIONS)}")
-        tasks = tuple(cfg["tasks"]) if not isinstance(cfg["tasks"], str) else (cfg["tasks"],)
-        if not tasks or len(set(tasks)) != len(tasks):
-            raise EPMQError(f"clip suite: tasks={list(tasks)!r}: expected a non-empty list without repeats")
-        for t in tasks:
-            if get_task(t).name != t:
-                raise EPMQError(f"clip suite: task {t!r}: use the registry's spelling {get_task(t).name!r}")
-        cfg["tasks"] = tasks
-        for key, low in (("image_size", 8), ("n_val", 1), ("calib_pool", 1), ("eval_batch_size", 1)):
-            v = cfg[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise EPMQError(f"clip suite: {key}={v!r}: expected an integer >= {low}")
-        mt = cfg["max_test"]
-        if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
-            raise EPMQError(f"clip suite: max_test={mt!r}: expected None or an integer >= 1")
-        ex = cfg["experts"]
-        if isinstance(ex, Mapping):
-            absent = [t for t in tasks if t not in ex]
-            if absent:
-                raise EPMQError(f"clip suite: experts has no source for task(s) {absent}")
-        elif not isinstance(ex, str) or ("{task}" not in ex and len(tasks) > 1):
-            raise EPMQError(f"clip suite: experts={ex!r}: expected a format string with '{{task}}' or a dict")
-        ds = cfg["datasets"]
-        if ds is not None and not isinstance(ds, Mapping):
-            raise EPMQError(f"clip suite: datasets={ds!r}: expected a dict task -> local dataset folder")
+        tasks = check_hub_options(cfg, "clip suite", get_task,
+                                  (("image_size", 8), ("n_val", 1), ("calib_pool", 1), ("eval_batch_size", 1)))
         if cfg["layout"] == "hf" and (cfg["arch"] is not None or cfg["base_visual"] is not None):
             raise EPMQError("clip suite: arch / base_visual apply to layout='open_clip' only")
         self.cfg = cfg

@@ -90,6 +90,7 @@ from epmq.suites.clip import (
     HubSuiteMixin,
     _first_line,
     _revision,
+    check_hub_options,
     datasets_offline,
     hub_offline,
     hub_suite_cli,
@@ -139,31 +140,9 @@ class T5GlueSuite(HubSuiteMixin, Suite):
         cfg = {**DEFAULTS, **options}
         if cfg["precision"] not in PRECISIONS:
             raise EPMQError(f"t5-glue suite: precision={cfg['precision']!r}: expected one of {list(PRECISIONS)}")
-        tasks = (cfg["tasks"],) if isinstance(cfg["tasks"], str) else tuple(cfg["tasks"])
-        if not tasks or len(set(tasks)) != len(tasks):
-            raise EPMQError(f"t5-glue suite: tasks={list(tasks)!r}: expected a non-empty list without repeats")
-        for t in tasks:
-            if get_glue_task(t).name != t:
-                raise EPMQError(f"t5-glue suite: task {t!r}: use the registry's spelling {get_glue_task(t).name!r}")
-        cfg["tasks"] = tasks
-        for key, low in (("max_source_length", 2), ("max_new_tokens", 1), ("n_val", 1), ("calib_pool", 1),
-                         ("eval_batch_size", 1)):
-            v = cfg[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise EPMQError(f"t5-glue suite: {key}={v!r}: expected an integer >= {low}")
-        mt = cfg["max_test"]
-        if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
-            raise EPMQError(f"t5-glue suite: max_test={mt!r}: expected None or an integer >= 1")
-        ex = cfg["experts"]
-        if isinstance(ex, Mapping):
-            absent = [t for t in tasks if t not in ex]
-            if absent:
-                raise EPMQError(f"t5-glue suite: experts has no source for task(s) {absent}")
-        elif not isinstance(ex, str) or ("{task}" not in ex and len(tasks) > 1):
-            raise EPMQError(f"t5-glue suite: experts={ex!r}: expected a format string with '{{task}}' or a dict")
-        ds = cfg["datasets"]
-        if ds is not None and not isinstance(ds, Mapping):
-            raise EPMQError(f"t5-glue suite: datasets={ds!r}: expected a dict task -> local dataset folder")
+        tasks = check_hub_options(cfg, "t5-glue suite", get_glue_task,
+                                  (("max_source_length", 2), ("max_new_tokens", 1), ("n_val", 1), ("calib_pool", 1),
+                                   ("eval_batch_size", 1)))
         self.cfg = cfg
         self.tasks = tasks
         self._base_sd = None
