@@ -341,7 +341,7 @@ def check_hub_options(cfg: dict, who: str, lookup, int_lows) -> tuple:
 
 class HubSuiteMixin:
     """Cache layout, seeded splits and small helpers shared by the hub-backed suites (``clip``, ``t5-glue``).
-    Expects ``cache_dir``, ``seed``, ``_device_cache`` and ``cfg`` (``experts``, ``device``, ``progress``,
+    Expects ``name``, ``format_version``, ``tasks``, ``cache_dir``, ``seed``, ``_device_cache`` and ``cfg`` (``experts``, ``device``, ``progress``,
     ``max_test``, ``n_val``, ``calib_pool``) on the suite, and its ``_check_task``/``build_expert``/
     ``load_encoder``."""
 
@@ -354,6 +354,19 @@ class HubSuiteMixin:
 
     def data_path(self, task: str, split: str) -> Path:
         return self.cache_dir / "data" / task / f"{split}.safetensors"
+
+    def _check_task(self, task: str) -> None:
+        if task not in self.tasks:
+            raise EPMQError(f"task={task!r}: not a task of this {self.name} suite (tasks: {list(self.tasks)})")
+
+    def config(self) -> dict:
+        """The suite's options as JSON (recorded in metadata)."""
+        cfg = dict(self.cfg)
+        cfg["tasks"] = list(cfg["tasks"])
+        for k in ("experts", "datasets"):
+            if isinstance(cfg[k], Mapping):
+                cfg[k] = {t: str(v) for t, v in cfg[k].items()}
+        return {"suite": self.name, "format": self.format_version, "seed": self.seed, **cfg}
 
     def expert_source(self, task: str) -> str:
         ex = self.cfg["experts"]
@@ -453,6 +466,7 @@ class ClipSuite(HubSuiteMixin, Suite):
     """The ``clip`` suite; options (constructor keywords) are listed in :data:`DEFAULTS` and the module doc."""
 
     name = "clip"
+    format_version = FORMAT_VERSION
 
     def __init__(self, cache_dir, *, seed: int = 0, **options):
         unknown = sorted(set(options) - set(DEFAULTS))
@@ -487,19 +501,6 @@ class ClipSuite(HubSuiteMixin, Suite):
     @property
     def projection_path(self) -> Path:
         return self.cache_dir / "heads" / f"{PROJECTION}.safetensors"
-
-    def _check_task(self, task: str) -> None:
-        if task not in self.tasks:
-            raise EPMQError(f"task={task!r}: not a task of this clip suite (tasks: {list(self.tasks)})")
-
-    def config(self) -> dict:
-        """The suite's options as JSON (recorded in metadata)."""
-        cfg = dict(self.cfg)
-        cfg["tasks"] = list(cfg["tasks"])
-        for k in ("experts", "datasets"):
-            if isinstance(cfg[k], Mapping):
-                cfg[k] = {t: str(v) for t, v in cfg[k].items()}
-        return {"suite": self.name, "format": FORMAT_VERSION, "seed": self.seed, **cfg}
 
     def model_sources(self) -> list[str]:
         """Every model source this suite reads (base, base_visual, experts), in order."""

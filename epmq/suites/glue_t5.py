@@ -127,6 +127,7 @@ class T5GlueSuite(HubSuiteMixin, Suite):
     """The ``t5-glue`` suite; options (constructor keywords) are listed in :data:`DEFAULTS` and the module doc."""
 
     name = "t5-glue"
+    format_version = FORMAT_VERSION
     adapter = "t5"
     #: keys the merge leaves at the base's value: none (``lm_head`` is merged, as FusionBench merges the whole
     #: state dict; the default exclusion list of :mod:`epmq.merge.driver` would keep the base's ``lm_head``)
@@ -158,18 +159,6 @@ class T5GlueSuite(HubSuiteMixin, Suite):
     def head_path(self, task: str) -> Path:
         """Never written: this suite has no heads (the LM head is part of the model)."""
         return self.cache_dir / "heads" / f"{task}.safetensors"
-
-    def _check_task(self, task: str) -> None:
-        if task not in self.tasks:
-            raise EPMQError(f"task={task!r}: not a task of this t5-glue suite (tasks: {list(self.tasks)})")
-
-    def config(self) -> dict:
-        cfg = dict(self.cfg)
-        cfg["tasks"] = list(cfg["tasks"])
-        for k in ("experts", "datasets"):
-            if isinstance(cfg[k], Mapping):
-                cfg[k] = {t: str(v) for t, v in cfg[k].items()}
-        return {"suite": self.name, "format": FORMAT_VERSION, "seed": self.seed, **cfg}
 
     def model_sources(self) -> list[str]:
         """Every model source this suite reads (base, then the experts), in order."""
