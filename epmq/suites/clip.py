@@ -368,6 +368,40 @@ class HubSuiteMixin:
                 cfg[k] = {t: str(v) for t, v in cfg[k].items()}
         return {"suite": self.name, "format": self.format_version, "seed": self.seed, **cfg}
 
+    def build_expert(self, task: str) -> Path:
+        """Import ``task``'s expert (cached; re-imported when its source or the base changed); return its path.
+        The suite supplies ``_expert_key``, ``_build_base_file`` (the base weights, nothing else),
+        ``_import_expert(folder, task, source)`` (the expert's state dict in the base's keys) and
+        ``_expert_meta(task)`` (its own metadata fields)."""
+        self._check_task(task)
+        path = self.expert_path(task)
+        key = self._expert_key(task)
+        meta = self._read_json(path.with_suffix(".json"))
+        self._build_base_file()
+        if path.is_file() and meta and meta.get("key") == key:
+            return path
+        from epmq.models.sources import check_expert, resolve
+
+        t0 = time.perf_counter()
+        src = key["source"]
+        try:
+            folder = resolve(src)
+            sd = {k: (v.float() if v.is_floating_point() else v) for k, v in
+                  self._import_expert(folder, task, src).items()}
+            base = self.base_state_dict()
+            check_expert(base, sd, task)
+        except EPMQError as e:
+            msg = str(e)
+            raise EPMQError(msg if msg.startswith(f"expert '{task}'") else f"expert '{task}' ({src}): {msg}") from e
+        num = sum(float((sd[k] - v).float().pow(2).sum()) for k, v in base.items() if v.is_floating_point())
+        den = sum(float(v.float().pow(2).sum()) for v in base.values() if v.is_floating_point())
+        meta = {"what": "expert", "task": task, "key": key, "source": src, "folder": str(folder),
+                "revision": _revision(folder), "base": self.cfg["base"], **self._expert_meta(task),
+                "relative_delta": math.sqrt(num / max(den, 1e-30)), "seconds": time.perf_counter() - t0}
+        save_safetensors_atomic(path, sd, {"task": task, "source": src})
+        write_json_atomic(path.with_suffix(".json"), meta)
+        return path
+
     def expert_source(self, task: str) -> str:
         ex = self.cfg["experts"]
         return str(ex[task]) if isinstance(ex, Mapping) else ex.format(task=task)
@@ -737,38 +771,13 @@ class ClipSuite(HubSuiteMixin, Suite):
         proj = self.base_state_dict()["proj"]  # a HF expert: converted with the base's projection
         return hf_to_openclip_visual(clip_vision_keys(raw), proj.t())
 
-    def build_expert(self, task: str) -> Path:
-        """Import ``task``'s expert (cached; re-imported when its source or the base changed); return its path."""
-        self._check_task(task)
-        path = self.expert_path(task)
-        key = self._expert_key(task)
-        meta = self._read_json(path.with_suffix(".json"))
-        self._build_base_file()
-        if path.is_file() and meta and meta.get("key") == key:
-            return path
-        from epmq.models.sources import check_expert, load_state_dict, resolve
+    def _import_expert(self, folder: Path, task: str, src: str) -> dict:
+        from epmq.models.sources import load_state_dict
 
-        t0 = time.perf_counter()
-        src = key["source"]
-        try:
-            folder = resolve(src)
-            raw = load_state_dict(folder)
-            sd = {k: (v.float() if v.is_floating_point() else v) for k, v in
-                  self._expert_state_dict(raw, task, src).items()}
-            base = self.base_state_dict()
-            check_expert(base, sd, task)
-        except EPMQError as e:
-            msg = str(e)
-            raise EPMQError(msg if msg.startswith(f"expert '{task}'") else f"expert '{task}' ({src}): {msg}") from e
-        num = sum(float((sd[k] - v).float().pow(2).sum()) for k, v in base.items() if v.is_floating_point())
-        den = sum(float(v.float().pow(2).sum()) for v in base.values() if v.is_floating_point())
-        meta = {"what": "expert", "task": task, "key": key, "source": src, "folder": str(folder),
-                "revision": _revision(folder), "layout": self.cfg["layout"], "base": self.cfg["base"],
-                "n_classes": get_task(task).n_classes, "relative_delta": math.sqrt(num / max(den, 1e-30)),
-                "seconds": time.perf_counter() - t0}
-        save_safetensors_atomic(path, sd, {"task": task, "source": src})
-        write_json_atomic(path.with_suffix(".json"), meta)
-        return path
+        return self._expert_state_dict(load_state_dict(folder), task, src)
+
+    def _expert_meta(self, task: str) -> dict:
+        return {"layout": self.cfg["layout"], "n_classes": get_task(task).n_classes}
 
     def build_all(self) -> dict:
         out = {"base": self.build_base(), "heads": {t: self.head_path(t) for t in self.tasks}, "experts": {}}

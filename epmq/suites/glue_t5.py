@@ -248,39 +248,20 @@ class T5GlueSuite(HubSuiteMixin, Suite):
     def _expert_key(self, task: str) -> dict:
         return {"source": self.expert_source(task), "base": self._base_key(), "format": FORMAT_VERSION}
 
-    def build_expert(self, task: str) -> Path:
-        """Import ``task``'s expert (cached; re-imported when its source or the base changed); return its path."""
-        self._check_task(task)
-        path = self.expert_path(task)
-        key = self._expert_key(task)
-        meta = self._read_json(path.with_suffix(".json"))
-        self.build_base()
-        if path.is_file() and meta and meta.get("key") == key:
-            return path
-        from epmq.models.sources import check_expert, load_t5, resolve, unique_state_dict
+    def _build_base_file(self) -> Path:
+        return self.build_base()  # the base is its weights alone (no heads)
 
-        t0 = time.perf_counter()
-        src = key["source"]
-        try:
-            folder = resolve(src)
-            if folder.is_dir() and (folder / "config.json").is_file():
-                model = load_t5(folder)  # its own config: another architecture shows up as shape mismatches
-            else:  # a bare weights file: the base's architecture
-                model = load_t5(resolve(self.cfg["base"]), weights=folder)
-            sd = {k: (v.float() if v.is_floating_point() else v) for k, v in unique_state_dict(model).items()}
-            base = self.base_state_dict()
-            check_expert(base, sd, task)
-        except EPMQError as e:
-            msg = str(e)
-            raise EPMQError(msg if msg.startswith(f"expert '{task}'") else f"expert '{task}' ({src}): {msg}") from e
-        num = sum(float((sd[k] - v).float().pow(2).sum()) for k, v in base.items() if v.is_floating_point())
-        den = sum(float(v.float().pow(2).sum()) for v in base.values() if v.is_floating_point())
-        meta = {"what": "expert", "task": task, "key": key, "source": src, "folder": str(folder),
-                "revision": _revision(folder), "base": self.cfg["base"],
-                "relative_delta": math.sqrt(num / max(den, 1e-30)), "seconds": time.perf_counter() - t0}
-        save_safetensors_atomic(path, sd, {"task": task, "source": src})
-        write_json_atomic(path.with_suffix(".json"), meta)
-        return path
+    def _import_expert(self, folder: Path, task: str, src: str) -> dict:
+        from epmq.models.sources import load_t5, resolve, unique_state_dict
+
+        if folder.is_dir() and (folder / "config.json").is_file():
+            model = load_t5(folder)  # its own config: another architecture shows up as shape mismatches
+        else:  # a bare weights file: the base's architecture
+            model = load_t5(resolve(self.cfg["base"]), weights=folder)
+        return unique_state_dict(model)
+
+    def _expert_meta(self, task: str) -> dict:
+        return {}
 
     def build_all(self) -> dict:
         out = {"base": self.build_base(), "experts": {}}
