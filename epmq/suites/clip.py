@@ -402,6 +402,18 @@ class HubSuiteMixin:
         write_json_atomic(path.with_suffix(".json"), meta)
         return path
 
+    def data_file(self, task: str, split: str) -> Path:
+        """The preprocessed cache of ``task``/``split`` (``test``, ``validation``, ``train`` = calibration pool),
+        built once by the suite's ``_build_data`` (see each suite's module doc)."""
+        if split not in SPLITS:
+            raise EPMQError(f"split={split!r}: expected one of {list(SPLITS)}")
+        self._check_task(task)
+        path = self.data_path(task, split)
+        key = self._data_key(task, split)
+        if not self._data_cached(path, key):
+            self._build_data(task, split, path, key)
+        return path
+
     def expert_source(self, task: str) -> str:
         ex = self.cfg["experts"]
         return str(ex[task]) if isinstance(ex, Mapping) else ex.format(task=task)
@@ -814,20 +826,8 @@ class ClipSuite(HubSuiteMixin, Suite):
                 key["calib_pool"] = self.cfg["calib_pool"]
         return key
 
-    def data_file(self, task: str, split: str) -> Path:
-        """The preprocessed cache of ``task``/``split`` (``test``, ``validation``, ``train`` = calibration pool),
-        built once (see the module doc)."""
-        if split not in SPLITS:
-            raise EPMQError(f"split={split!r}: expected one of {list(SPLITS)}")
-        self._check_task(task)
-        path = self.data_path(task, split)
-        key = self._data_key(task, split)
-        if self._data_cached(path, key):
-            return path
-        self._preprocess(task, split, path, key)
-        return path
-
-    def _preprocess(self, task: str, split: str, path: Path, key: dict) -> None:
+    def _build_data(self, task: str, split: str, path: Path, key: dict) -> None:
+        """Decode, resize and store ``task``/``split`` as uint8 images (see :meth:`HubSuiteMixin.data_file`)."""
         from concurrent.futures import ThreadPoolExecutor
 
         import datasets

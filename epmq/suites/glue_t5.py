@@ -87,6 +87,7 @@ from epmq.evaluate import accuracy_record
 from epmq.io import save_safetensors_atomic, write_json_atomic
 from epmq.suites.base import Suite
 from epmq.suites.clip import (
+    SPLITS,
     HubSuiteMixin,
     _first_line,
     _revision,
@@ -117,7 +118,6 @@ DEFAULTS = {
 }
 FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "bf16", "fp16")
-SPLITS = ("test", "validation", "train")
 IGNORE_INDEX = -100
 LABEL_COLUMN = "label"
 _DATA_KEY = "epmq_data"
@@ -301,19 +301,9 @@ class T5GlueSuite(HubSuiteMixin, Suite):
                 key["calib_pool"] = self.cfg["calib_pool"]
         return key
 
-    def data_file(self, task: str, split: str) -> Path:
-        """The tokenized cache of ``task``/``split`` (``test`` = GLUE validation, ``validation``, ``train`` =
-        calibration pool), built once (see the module doc)."""
-        if split not in SPLITS:
-            raise EPMQError(f"split={split!r}: expected one of {list(SPLITS)}")
-        self._check_task(task)
-        path = self.data_path(task, split)
-        key = self._data_key(task, split)
-        if not self._data_cached(path, key):
-            self._tokenize(task, split, path, key)
-        return path
-
-    def _tokenize(self, task: str, split: str, path: Path, key: dict) -> None:
+    def _build_data(self, task: str, split: str, path: Path, key: dict) -> None:
+        """Tokenize ``task``/``split`` (``test`` = GLUE validation) once (see
+        :meth:`~epmq.suites.clip.HubSuiteMixin.data_file`)."""
         import numpy as np
         import torch
 
