@@ -30,6 +30,10 @@ stores the propagated hidden states (``args[0]`` of every kept block call, the m
 half precision between blocks, half their memory; they are cast back to float32 when a block runs on them,
 and the statistics stay float32. Other tensors of a call (masks, position biases, T5's
 ``encoder_hidden_states``) are kept as they are.
+
+Precision: ``forward_dtype`` runs the block forwards under autocast; ``stats_dtype="bf16"`` rounds the captured
+layer inputs to bf16 before the Gram products ``G``/``C`` (:func:`epmq.precision.add_gram`), which are still
+accumulated and kept in float32 -- on CPUs with bf16 matmul hardware that is ~2.6x faster at d_in = 1536.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from torch import nn
 
 from epmq.errors import EPMQError, check_finite
 from epmq.models.adapters import Adapter, Site, get_adapter
-from epmq.precision import DTYPES, autocast
+from epmq.precision import DTYPES, STATS_DTYPES, autocast
 from epmq.quant import METHODS, QuantMethod
 from epmq.quant.result import QuantResult
 from epmq.quant.rounding import gptq, gptq_shared, rtn
@@ -73,6 +77,7 @@ class QuantConfig:
     propagation: str = "sequential"
     forward_dtype: str = "fp32"  # dtype of the block forwards (autocast); statistics stay float32
     act_dtype: str = "fp32"  # dtype the propagated hidden states are stored in between blocks (bf16/fp16: half)
+    stats_dtype: str = "fp32"  # layer inputs rounded to this before the Gram products (sums stay float32)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -81,6 +86,7 @@ class QuantConfig:
             raise EPMQError(f"propagation={self.propagation!r}: expected 'sequential' or 'fp'")
         _named_dtype("forward_dtype", self.forward_dtype)
         _named_dtype("act_dtype", self.act_dtype)
+        _named_dtype("stats_dtype", self.stats_dtype)
 
     @property
     def spec(self) -> QuantMethod:
@@ -192,7 +198,7 @@ def _to(x, device):
 FORWARD_DTYPES = DTYPES  # statistics are accumulated in float32 whatever the forward dtype
 #: ``act_dtype`` name -> dtype the propagated hidden states are stored in between blocks (None: as computed)
 ACT_DTYPES = DTYPES
-_DTYPE_KNOBS = {"forward_dtype": FORWARD_DTYPES, "act_dtype": ACT_DTYPES}
+_DTYPE_KNOBS = {"forward_dtype": FORWARD_DTYPES, "act_dtype": ACT_DTYPES, "stats_dtype": STATS_DTYPES}
 
 
 def _named_dtype(knob: str, name: str) -> torch.dtype | None:
@@ -351,8 +357,10 @@ class _Streams:
 
 class _Engine:
     def __init__(self, model, calib, experts, adapter, device, progress, desc, forward_dtype="fp32",
-                 act_dtype="fp32"):
+                 act_dtype="fp32", stats_dtype="fp32"):
         self.dtype = _named_dtype("forward_dtype", forward_dtype)
+        _named_dtype("stats_dtype", stats_dtype)
+        self.stats_dtype = stats_dtype
         #: storage dtype of the hidden states kept between blocks (None: as computed)
         self.store = _named_dtype("act_dtype", act_dtype)
         self.act_dtype = act_dtype
@@ -456,7 +464,8 @@ class _Engine:
         for s in sites:
             keys.setdefault(s.input_key, s)
         stats = {
-            k: TaskStats(s.weight.shape[1], with_expert=with_expert, device=self.device) for k, s in keys.items()
+            k: TaskStats(s.weight.shape[1], with_expert=with_expert, device=self.device, stats_dtype=self.stats_dtype)
+            for k, s in keys.items()
         }
         esites = None
         if with_expert and expert_inputs is None:
@@ -698,14 +707,15 @@ def quantize_model(
     t_start = time.perf_counter()
     use_experts = spec.target == "epmq" or spec.hessian == "epmq"
     engine = _Engine(model, calib or [], experts if use_experts else None, adapter, device, progress, cfg.method,
-                     cfg.forward_dtype, cfg.act_dtype)
+                     cfg.forward_dtype, cfg.act_dtype, cfg.stats_dtype)
     if use_experts and engine.experts is None:
         raise EPMQError(f"method {cfg.method!r} needs the experts (one per calibration task)")
     needs_data = spec.hessian is not None or spec.target == "epmq"
     sequential = needs_data and stats is None
     if needs_data and stats is None and cfg.propagation == "fp":
         stats = collect_stats(model, calib, experts if use_experts else None, adapter=engine.adapter, device=device,
-                              progress=progress, forward_dtype=cfg.forward_dtype, act_dtype=cfg.act_dtype)
+                              progress=progress, forward_dtype=cfg.forward_dtype, act_dtype=cfg.act_dtype,
+                              stats_dtype=cfg.stats_dtype)
         sequential = False
     if stats is not None and use_experts:
         n_tasks = {len(v) for v in stats.values()}
@@ -768,11 +778,13 @@ def collect_stats(
     progress: bool = True,
     forward_dtype: str = "fp32",
     act_dtype: str = "fp32",
+    stats_dtype: str = "fp32",
 ) -> dict[str, list[TaskStats]]:
     """``fp``-mode statistics of every site (full state-dict name -> one :class:`TaskStats` per task), from
     the full-precision ``model`` and, if given, the experts' own inputs. Independent of the quantizer
-    (``forward_dtype``/``act_dtype``: see :class:`QuantConfig`)."""
-    engine = _Engine(model, calib, experts, adapter, device, progress, "collect", forward_dtype, act_dtype)
+    (``forward_dtype``/``act_dtype``/``stats_dtype``: see :class:`QuantConfig`)."""
+    engine = _Engine(model, calib, experts, adapter, device, progress, "collect", forward_dtype, act_dtype,
+                     stats_dtype)
     with_expert = experts is not None
     streams = engine.streams()
     out: dict[str, list[TaskStats]] = {}

@@ -25,11 +25,11 @@ from epmq.errors import EPMQError
 #: QuantConfig fields a config may set under ``quantize.params`` or sweep (the method, bits and group size
 #: come from the grid itself).
 QUANT_KNOBS = ("sym", "act_order", "static_groups", "damp", "block_size", "alpha", "lam_out", "lam_w",
-               "task_weighting", "fit_bias", "propagation", "forward_dtype", "act_dtype")
+               "task_weighting", "fit_bias", "propagation", "forward_dtype", "act_dtype", "stats_dtype")
 #: which knobs each kind of method reads (everything else is ignored by it)
 GRID_KNOBS = ("sym",)
 CALIBRATION_KNOBS = ("act_order", "static_groups", "damp", "block_size", "propagation", "forward_dtype",
-                     "act_dtype")
+                     "act_dtype", "stats_dtype")
 EXPERT_KNOBS = ("alpha", "lam_out", "lam_w", "task_weighting", "fit_bias")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

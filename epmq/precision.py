@@ -51,3 +51,45 @@ def linear_weights_in(module: torch.nn.Module, name_or_dtype):
     finally:
         for p, data in saved:
             p.data = data
+
+
+#: ``stats_dtype`` names: the precision the calibration layer inputs are rounded to before their Gram
+#: products (always accumulated and stored in float32)
+STATS_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def _onednn_bf16() -> bool:
+    """Whether CPU float32 matmuls can run on bf16 hardware (oneDNN's bf16 math mode) here."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                    and hasattr(torch.backends.mkldnn, "matmul"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@contextlib.contextmanager
+def _onednn_fp32_precision(mode: str):
+    flags = torch.backends.mkldnn.matmul
+    old = flags.fp32_precision
+    flags.fp32_precision = mode
+    try:
+        yield
+    finally:
+        flags.fp32_precision = old
+
+
+def add_gram(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> None:
+    """``acc += a^T b`` in float32 (``a``, ``b``: float32 (N, d)). With ``dtype`` (bf16), ``a`` and ``b`` are
+    first rounded to it, so the result is the float32-accumulated product of the rounded inputs whatever
+    runs it: on a CPU with bf16 matmul hardware, oneDNN's bf16 math mode (bf16 products, float32 accumulation
+    and output; ~2.6x faster than float32 at d = 1536); elsewhere a float32 product of the rounded values."""
+    if dtype is None:
+        acc.addmm_(a.T, b)
+        return
+    ra = a.to(dtype).float()
+    rb = ra if b is a else b.to(dtype).float()
+    if acc.device.type == "cpu" and _onednn_bf16() and dtype == torch.bfloat16:
+        with _onednn_fp32_precision("bf16"):  # inputs are bf16 values already: the rounding is exact
+            acc.addmm_(ra.T, rb)
+    else:
+        acc.addmm_(ra.T, rb)

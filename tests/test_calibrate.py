@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from epmq.calibrate import QuantConfig, collect_stats, load_stats, quantize_model, save_stats
+from epmq.quant.target import TaskStats
 from epmq.errors import EPMQError
 from epmq.models.adapters import get_adapter
 from epmq.models.openclip import tiny_vision_transformer
@@ -416,6 +417,68 @@ def test_bad_act_dtype():
         QuantConfig(act_dtype="int8")
     with pytest.raises(EPMQError, match="act_dtype='float16'"):
         collect_stats(_vit(), _image_tasks(), progress=False, act_dtype="float16")
+
+
+def test_stats_dtype_bf16_is_the_gram_of_the_rounded_inputs():
+    """``stats_dtype='bf16'``: G and C are the float32-accumulated products of the bf16-rounded layer inputs
+    (checked against float64 products of those rounded values: the bf16 hardware path, where the CPU has one,
+    must not round the sums), and differ from the float32 statistics only by that input rounding."""
+    merged = _vit()
+    experts = [_perturbed(merged, 0.3, seed=10 + t) for t in range(T)]
+    calib = _image_tasks()
+    captured = []
+    real_add = TaskStats.add
+
+    def spy(self, x, x_expert=None, *, name="inputs"):
+        if self.round_to is not None:
+            captured.append((self, x.detach().clone(), x_expert.detach().clone()))
+        return real_add(self, x, x_expert, name=name)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(TaskStats, "add", spy)
+    try:
+        got = collect_stats(merged, calib, experts, progress=False, stats_dtype="bf16")
+    finally:
+        mp.undo()
+    ref = collect_stats(merged, calib, experts, progress=False)
+    for stats, x, xe in captured[:6]:
+        def aug(t):
+            t = t.reshape(-1, t.shape[-1]).to(torch.bfloat16).double()
+            return torch.cat([t, torch.ones(t.shape[0], 1, dtype=torch.float64)], 1)
+        one = TaskStats(x.shape[-1], stats_dtype="bf16")
+        one.add(x, xe)
+        a, e = aug(x), aug(xe)
+        for mine, exact in ((one.G, a.T @ a), (one.C, e.T @ a)):
+            assert mine.dtype == torch.float32
+            assert float((mine.double() - exact).abs().max() / exact.abs().max()) < 1e-6
+    assert captured
+    for k in ref:
+        for r, b in zip(ref[k], got[k]):
+            assert b.G.dtype == torch.float32 and not torch.equal(r.G, b.G), k  # rounded: not the fp32 numbers
+            assert float((r.G - b.G).norm() / r.G.norm()) <= 0.01, k
+            assert float((r.C - b.C).norm() / r.C.norm()) <= 0.01, k
+
+
+def test_stats_dtype_fp32_is_the_default(setting):
+    """``stats_dtype='fp32'`` is the path without the knob (bit-identical); bf16 stays close on E-PMQ."""
+    name, merged, experts, calib, _ = setting
+    out = []
+    for cfg in (QuantConfig(method="epmq", bits=4), QuantConfig(method="epmq", bits=4, stats_dtype="fp32"),
+                QuantConfig(method="epmq", bits=4, stats_dtype="bf16")):
+        model = copy.deepcopy(merged)
+        out.append(quantize_model(model, calib, cfg, experts=experts, progress=False))
+    for k in out[0].results:
+        assert torch.equal(out[0].results[k].weight, out[1].results[k].weight), k
+    ref = [r["rel_err_merged"] for r in out[0].layers]
+    got = [r["rel_err_merged"] for r in out[2].layers]
+    assert abs(sum(got) - sum(ref)) <= 0.03 * sum(ref), (sum(ref), sum(got))
+
+
+def test_bad_stats_dtype():
+    with pytest.raises(EPMQError, match="stats_dtype='fp16'"):
+        QuantConfig(stats_dtype="fp16")
+    with pytest.raises(EPMQError, match="stats_dtype='half'"):
+        TaskStats(8, stats_dtype="half")
 
 
 def test_padding_positions_do_not_enter_the_statistics():
