@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,8 +156,8 @@ def test_layout_build_base_heads_and_evaluate_all(built, tmp_path):
     cache = suite.cache_dir
     assert paths["base"] == suite.base_path == cache / "base.safetensors"
     assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()) == sorted(
-        ["base.safetensors", "base.json"] + [f"{d}/{t}.{e}" for d in ("heads", "experts") for t in suite.tasks
-                                             for e in ("safetensors", "json")])
+        ["base.safetensors", "base.json", "splits.safetensors"]
+        + [f"{d}/{t}.{e}" for d in ("heads", "experts") for t in suite.tasks for e in ("safetensors", "json")])
     other = TinyViTSuite(tmp_path, seed=0, **TINY)
     assert other.build_base() == tmp_path / "base.safetensors"
     assert all(other.head_path(t).is_file() for t in other.tasks)  # build_base builds every head
@@ -188,3 +191,83 @@ def test_evaluate_toy_classifier_gives_the_exact_accuracy(built):
         rec = TinyViTSuite(suite.cache_dir, seed=0, **{**TINY, "eval_batch_size": bs}).evaluate(Toy(), "digits")
         assert rec["correct"] == expected and rec["n"] == len(y)
         assert rec["accuracy"] == 100.0 * (expected / len(y))
+
+
+# ------------------------------------------------------------------------------------------- split cache
+SPLITS = ("train", "validation", "test")
+
+
+def _assert_same_splits(a, b):
+    for t in a.tasks:
+        assert a.n_classes(t) == b.n_classes(t)
+        for s in SPLITS:
+            (xa, ya), (xb, yb) = a.split(t, s), b.split(t, s)
+            assert xa.dtype == xb.dtype == torch.float32 and ya.dtype == yb.dtype == torch.int64
+            assert torch.equal(xa, xb) and torch.equal(ya, yb), (t, s)
+
+
+def _no_datasets(monkeypatch):
+    import epmq.data
+
+    def refuse(*a, **k):
+        raise AssertionError("load_dataset called although the split cache is valid")
+
+    monkeypatch.setattr(epmq.data, "load_dataset", refuse)
+
+
+def test_split_cache_bit_identical_without_datasets(built, tmp_path, monkeypatch):
+    suite, _ = built
+    path = suite.cache_dir / "splits.safetensors"
+    assert suite.splits_path == path and path.is_file() and suite.splits().valid()
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        key = json.loads(f.metadata()["epmq_splits"])
+        assert key["suite"] == "tiny-vit" and key["tasks"] == list(TINY["tasks"]) and key["max_eval"] == 120
+        x = f.get_tensor("digits/test/x")
+        assert x.dtype == torch.uint8 and tuple(x.shape) == (120, 28, 28)
+        assert int(f.get_tensor("textures/n_classes")) == 3
+    reference = TinyViTSuite(tmp_path, seed=0, **TINY)  # no cache there: the data sets
+    assert not reference.splits().valid()
+    _assert_same_splits(reference, reference)  # loads every split now, before load_dataset is refused
+    _no_datasets(monkeypatch)
+    fresh = TinyViTSuite(suite.cache_dir, seed=0, **TINY)
+    _assert_same_splits(fresh, reference)
+    # a new process evaluating from the cache never imports `datasets`
+    code = ("import json, sys; from epmq.suites.tiny_vit import TinyViTSuite; "
+            f"s = TinyViTSuite({str(suite.cache_dir)!r}, seed=0, **json.loads({json.dumps(json.dumps(TINY))})); "
+            "n = sum(len(s.split(t, p)[1]) for t in s.tasks for p in ('train', 'validation', 'test')); "
+            "print(json.dumps([n, 'datasets' in sys.modules, 'pyarrow' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    n = sum(len(reference.split(t, p)[1]) for t in reference.tasks for p in SPLITS)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [n, False, False]
+    assert "warning" not in out.stderr
+
+
+def test_split_cache_ignored_with_other_data_options(built, capsys):
+    suite, _ = built
+    mtime = suite.splits_path.stat().st_mtime_ns
+    other = TinyViTSuite(suite.cache_dir, seed=0, **{**TINY, "max_eval": 50})
+    assert not other.splits().valid()
+    x, y = other.split("digits", "test")
+    assert tuple(x.shape) == (50, 3, 28, 28) and len(y) == 50
+    assert torch.equal(x, suite.split("digits", "test")[0][:50])  # the same shuffled prefix
+    assert not TinyViTSuite(suite.cache_dir, seed=1, **TINY).splits().valid()
+    assert "warning" not in capsys.readouterr().err
+    assert suite.splits_path.stat().st_mtime_ns == mtime  # only build_base writes it
+
+
+def test_split_cache_corrupt_falls_back_with_warning(built, tmp_path, capsys):
+    suite, _ = built
+    cache = tmp_path / "cache"
+    shutil.copytree(suite.cache_dir, cache)
+    path = cache / "splits.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
+    other = TinyViTSuite(cache, seed=0, **TINY)
+    _assert_same_splits(other, suite)
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and str(path) in err and "split cache" in err
+    other.build_base()  # base and heads cached: only the split cache is rewritten
+    assert TinyViTSuite(cache, seed=0, **TINY).splits().valid()
+    _assert_same_splits(TinyViTSuite(cache, seed=0, **TINY), suite)
+    assert "warning" not in capsys.readouterr().err

@@ -45,14 +45,32 @@ TEXT = {
 DATASETS = {**VISION, **TEXT}
 
 
+def _source_files() -> list:
+    """This package's ``*.py`` files (the loaders' code), sorted."""
+    from pathlib import Path
+
+    return sorted(Path(__file__).parent.glob("*.py"))
+
+
 def _cache_key(name: str, seed: int, kwargs: dict) -> str:
     import hashlib
     import json
-    from pathlib import Path
 
     h = hashlib.sha256(json.dumps({"name": name, "seed": seed, "kwargs": kwargs}, sort_keys=True).encode())
-    for f in sorted(Path(__file__).parent.glob("*.py")):  # the loaders' code: a change invalidates the cache
+    for f in _source_files():  # the loaders' code: a change invalidates the cache
         h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def source_digest() -> str:
+    """sha256 (16 hex digits) of the loaders' code: a cache derived from the splits outside this package (a
+    suite's ``splits.safetensors``) records it, so that changing a loader invalidates it. Cheap: reads the
+    source files, imports nothing."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in _source_files():
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -107,4 +125,4 @@ def arrays(split):
     return list(split["text"]), y
 
 
-__all__ = ["DATASETS", "TEXT", "VISION", "arrays", "load_dataset"]
+__all__ = ["DATASETS", "TEXT", "VISION", "arrays", "load_dataset", "source_digest"]
