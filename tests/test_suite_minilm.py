@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -48,7 +51,7 @@ def test_registry_and_adapter(built):
     s = get_suite("minilm", cache, **TINY)
     assert isinstance(s, MiniLMSuite) and s.adapter == "hf_bert"
     enc = s.new_encoder()
-    assert type(enc).__name__ == "BertModel"
+    assert type(enc).__name__ == "BertEncoderModel" and "transformers" not in type(enc).__module__
     a = get_adapter(enc)
     assert a.name == "hf_bert"
     blocks = a.find_blocks(enc)
@@ -64,8 +67,8 @@ def test_artefacts_and_metadata(built):
                for t in suite.tasks)
     assert all(paths["heads"][t] == suite.head_path(t) for t in suite.tasks)
     assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()) == sorted(
-        ["base.safetensors", "base.json"] + [f"{d}/{t}.{e}" for d in ("heads", "experts") for t in suite.tasks
-                                             for e in ("safetensors", "json")])
+        ["base.safetensors", "base.json", "splits.safetensors"]
+        + [f"{d}/{t}.{e}" for d in ("heads", "experts") for t in suite.tasks for e in ("safetensors", "json")])
     base_meta = json.loads((cache / "base.json").read_text())
     assert base_meta["kind"] == "base" and base_meta["settings"]["seed"] == 0
     for t in suite.tasks:
@@ -207,3 +210,84 @@ def test_evaluate_toy_classifier_gives_the_exact_accuracy(built):
     rec = suite.evaluate(Toy(), task)
     assert rec["correct"] == expected and rec["n"] == len(y)
     assert rec["accuracy"] == 100.0 * (expected / len(y))
+
+
+# ------------------------------------------------------------------------------------------- split cache
+SPLITS = ("train", "validation", "test")
+
+
+def _assert_same_tokens(a, b):
+    for t in a.tasks:
+        assert a._n_classes(t) == b._n_classes(t)
+        for s in SPLITS:
+            for u, v in zip(a._tokens(t, s), b._tokens(t, s)):
+                assert u.dtype == v.dtype == torch.int64 and torch.equal(u, v), (t, s)
+
+
+def test_split_cache_bit_identical_without_datasets_or_tokenizer(built, tmp_path, monkeypatch):
+    import epmq.data
+
+    cache, suite, _, _ = built
+    assert suite.splits_path == cache / "splits.safetensors" and suite.splits_path.is_file()
+    assert suite.splits().valid()
+    from safetensors import safe_open
+
+    with safe_open(str(suite.splits_path), framework="pt") as f:
+        key = json.loads(f.metadata()["epmq_splits"])
+        assert key["suite"] == "minilm" and key["tasks"] == list(TINY["tasks"])
+        assert (key["max_len"], key["max_train"], key["n_val"], key["n_test"]) == (16, 64, 16, 24)
+        assert tuple(f.get_tensor("spam/test/input_ids").shape) == (24, 16)
+    reference = _suite(tmp_path)  # no cache there: the data sets and the tokenizer
+    assert not reference.splits().valid()
+    _assert_same_tokens(reference, reference)  # tokenizes every split now
+
+    def refuse(*a, **k):
+        raise AssertionError("load_dataset called although the split cache is valid")
+
+    monkeypatch.setattr(epmq.data, "load_dataset", refuse)
+    fresh = _suite(cache)
+    _assert_same_tokens(fresh, reference)
+    assert fresh._tokenizer is None
+    assert fresh.evaluate(fresh.load_encoder(fresh.expert_path("spam")), "spam") == suite.evaluate(
+        suite.load_encoder(suite.expert_path("spam")), "spam")
+    # a new process reading its evaluation and calibration data never imports `datasets` nor `tokenizers`
+    code = ("import json, sys; from epmq.suites.minilm import MiniLMSuite; "
+            f"s = MiniLMSuite({str(cache)!r}, seed=0, **json.loads({json.dumps(json.dumps(TINY))})); "
+            "n = sum(len(s._tokens(t, p)[2]) for t in s.tasks for p in ('train', 'validation', 'test')); "
+            "s.calibration_batches('spam', 8, seed=0); [s._n_classes(t) for t in s.tasks]; "
+            "print(json.dumps([n, 'datasets' in sys.modules, 'tokenizers' in sys.modules, s._tokenizer is None]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    n = sum(len(reference._tokens(t, p)[2]) for t in reference.tasks for p in SPLITS)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [n, False, False, True]
+    assert "warning" not in out.stderr
+
+
+def test_split_cache_ignored_with_other_data_options(built, capsys):
+    cache, suite, _, _ = built
+    mtime = suite.splits_path.stat().st_mtime_ns
+    for kw, shape in (({"n_test": 20}, (20, 16)), ({"max_len": 12}, (24, 12))):
+        other = _suite(cache, **kw)
+        assert not other.splits().valid()
+        ids, mask, y = other._tokens("spam", "test")
+        assert tuple(ids.shape) == tuple(mask.shape) == shape and len(y) == shape[0]
+        assert other._tokenizer is not None  # tokenized, not read from the cache
+    assert "warning" not in capsys.readouterr().err
+    assert suite.splits_path.stat().st_mtime_ns == mtime  # only build_base writes it
+
+
+def test_split_cache_corrupt_falls_back_with_warning(built, tmp_path, capsys):
+    cache, suite, _, _ = built
+    other_cache = tmp_path / "cache"
+    shutil.copytree(cache, other_cache)
+    path = other_cache / "splits.safetensors"
+    path.write_bytes(path.read_bytes()[:100])  # truncated inside the header
+    other = _suite(other_cache)
+    _assert_same_tokens(other, suite)
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and str(path) in err and "split cache" in err
+    other.build_base()  # base and heads cached: only the split cache is rewritten
+    again = _suite(other_cache)
+    assert again.splits().valid()
+    _assert_same_tokens(again, suite)
+    assert again._tokenizer is None and "warning" not in capsys.readouterr().err

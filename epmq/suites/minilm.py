@@ -3,10 +3,11 @@ fine-tuned into four text-classification experts, fully offline.
 
 Protocol (chosen so that merging shows real interference, see ``python -m epmq.suites.minilm targets``):
 
-* **Base**: the pretrained sentence encoder, loaded as ``transformers.BertModel`` from the package's
-  safetensors (no pooler: the sentence embedding is the masked mean of the last hidden states, as
-  sentence-transformers does). The encoder -- the object that is merged and quantized, 36 encoder Linears
-  -- is this ``BertModel``.
+* **Base**: the pretrained sentence encoder, loaded from the package's safetensors into
+  :class:`epmq.models.bert.BertEncoderModel` -- an in-house BERT with transformers' ``BertModel`` state-dict
+  keys (no pooler) and bit-identical forwards and gradients, without transformers' ~2.8 s import. No pooler:
+  the sentence embedding is the masked mean of the last hidden states, as sentence-transformers does. The
+  encoder -- the object that is merged and quantized, 36 encoder Linears -- is this model.
 * **Heads** (one per task, never merged, never trained): *zero-shot heads* from the base, as CLIP's are
   from its text tower (METHOD.md §4). A head mean-pools and L2-normalises the embedding and scores it
   against one vector per class -- the normalised mean of the base's normalised embeddings of a few class
@@ -26,12 +27,20 @@ Cache layout under ``cache_dir`` (every file safetensors or JSON, written via te
     base.safetensors          base.json
     heads/<task>.safetensors  heads/<task>.json
     experts/<task>.safetensors  experts/<task>.json
+    splits.safetensors        (split cache; its key in the safetensors metadata, no JSON file)
 
 (the same layout as ``tiny-vit``'s; every metadata file is its artefact's path ``.with_suffix(".json")``).
 :meth:`MiniLMSuite.build_base` also builds every head, so that expert jobs run in parallel never build a
-head concurrently.
+head concurrently, and writes the *split cache* (:mod:`epmq.suites._splits`): per task and split the
+``input_ids``, ``attention_mask`` (int64, padded to ``max_len``) and ``labels`` that ``_tokens`` returns
+(``<task>/<split>/<field>``), and ``<task>/n_classes``, keyed by the seed, tasks, ``max_len``, ``max_train``,
+``n_val``, ``n_test``, the tokenizer's files and the data loaders' source digest. Later processes read their
+tokens from it (no ``datasets`` import, no tokenizer, no ``transformers`` import: ~2 s less per job); a
+missing or mismatched file falls back to the data sets and the tokenizer, an unreadable one too with a
+warning.
 
-A cache built with other settings is refused (``EPMQError`` naming the setting), never silently reused.
+A base, head or expert cached with other settings is refused (``EPMQError`` naming the setting), never
+silently reused (the split cache, derived data, is ignored instead).
 
 Measured with the defaults (seed 0, the default grid's run; idle 2-core CPU), test %: see the README's
 "Embedded suites" table. ``max_train`` 2000 (was 4000) is what made the suite meet both of its interference
@@ -74,6 +83,8 @@ from epmq.evaluate import accuracy_record
 from epmq.precision import autocast, linear_weights_in
 from epmq.io import save_safetensors_atomic as _save_safetensors
 from epmq.io import write_json_atomic
+from epmq.suites._splits import FILENAME as SPLITS_FILE
+from epmq.suites._splits import SPLITS, SplitCache, files_digest
 from epmq.suites.base import Suite, parse_set_options
 
 TASKS = ("tweet_sentiment", "spam", "fine_food", "tweet_device")
@@ -129,6 +140,10 @@ _HEAD_KEYS = ("max_len", "max_train", "n_proto", "head_init", "scale")
 _EXPERT_KEYS = ("max_len", "max_train", "steps", "lr", "weight_decay", "batch_size", "warmup",
                 "freeze_embeddings", "n_proto", "head_init", "scale", "precision")
 PRECISIONS = ("fp32", "bf16")  # names of epmq.precision.DTYPES this suite was checked with
+#: the split cache's tensors per task and split (``_tokens``), and the tokenizer files that are part of its key
+_TOKEN_FIELDS = ("input_ids", "attention_mask", "labels")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                    "added_tokens.json", "config.json")
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -205,6 +220,9 @@ class MiniLMSuite(Suite):
         self._config = None
         self._data: dict = {}
         self._tok: dict = {}
+        self._n_cls: dict = {}  # task -> number of classes
+        self._split_cache = None
+        self._split_cache_tried: set = set()  # tasks looked up in the split cache
         self._heads: dict = {}
         self._base_sd = None
 
@@ -264,20 +282,24 @@ class MiniLMSuite(Suite):
 
     @property
     def config(self):
+        """The pretrained model's ``config.json`` (:class:`epmq.models.bert.BertConfig`: ``hidden_size`` etc.)."""
         if self._config is None:
-            from transformers import BertConfig
+            from epmq.models.bert import BertConfig
 
-            self._config = BertConfig.from_pretrained(str(self.model_path), local_files_only=True)
+            self._config = BertConfig.from_json(self.model_path / "config.json")
         return self._config
 
     def new_encoder(self):
-        from transformers import BertModel
+        """A randomly initialised :class:`epmq.models.bert.BertEncoderModel` (seeded; the same weights and RNG
+        state afterwards as transformers' ``BertModel(config, add_pooling_layer=False)``), in eval mode."""
+        from epmq.models.bert import BertEncoderModel
 
         torch.manual_seed(self.seed)
-        return BertModel(self.config, add_pooling_layer=False).eval()
+        return BertEncoderModel(self.config).eval()
 
     def load_encoder(self, weights) -> nn.Module:
-        """A ``BertModel`` holding ``weights`` (a safetensors path or a state dict), in eval mode."""
+        """The encoder (:meth:`new_encoder`, ``BertModel``'s state-dict keys) holding ``weights`` (a safetensors
+        path or a state dict), in eval mode."""
         sd = _load_safetensors(Path(weights)) if isinstance(weights, (str, Path)) else weights
         enc = self.new_encoder()
         missing, unexpected = enc.load_state_dict(sd, strict=False)
@@ -298,10 +320,12 @@ class MiniLMSuite(Suite):
             torch.set_num_threads(int(self.options["threads"]))
 
     def build_base(self) -> Path:
-        """The base encoder's safetensors (written on first use), and every task's head."""
+        """The base encoder's safetensors (written on first use), every task's head, and the split cache
+        ``splits.safetensors`` (every split tokenized, read by later processes instead of the data sets)."""
         path = self._build_base_file()
         for t in self.tasks:
             self.head(t)
+        self.splits().ensure_tasks(self.tasks, _TOKEN_FIELDS, self._task_tokens)
         return path
 
     def _build_base_file(self) -> Path:
@@ -463,7 +487,7 @@ class MiniLMSuite(Suite):
             "batch_size": o["batch_size"], "optimizer": "AdamW", "weight_decay": o["weight_decay"],
             "warmup": o["warmup"], "schedule": "linear warmup + linear decay", "max_len": o["max_len"],
             "freeze_embeddings": o["freeze_embeddings"], "head": "frozen " + o["head_init"],
-            "data": {s: len(self._split(task, s)) for s in ("train", "validation", "test")},
+            "data": {s: len(self._tokens(task, s)[2]) for s in ("train", "validation", "test")},
             "val_accuracy": val["accuracy"], "validation": val,
             "loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:])),
             "task_vector_norm": tv_norm, "seconds": round(time.perf_counter() - t0, 2),
@@ -509,12 +533,51 @@ class MiniLMSuite(Suite):
                 "datasets": {t: {s: len(self._split(t, s)) for s in ("train", "validation", "test")}
                              for t in self.tasks}}
 
+    @property
+    def splits_path(self) -> Path:
+        """``{cache}/splits.safetensors``: every task's tokenized splits, written by :meth:`build_base`."""
+        return self.cache_dir / SPLITS_FILE
+
+    def splits(self) -> SplitCache:
+        """The split cache (:mod:`epmq.suites._splits`), keyed by everything that determines the tokens."""
+        if self._split_cache is None:
+            from epmq.data import source_digest
+
+            o, mp = self.options, self.model_path
+            key = {"suite": self.name, "seed": self.seed, "tasks": list(self.tasks),
+                   **{k: o[k] for k in ("max_len", "max_train", "n_val", "n_test")},
+                   "model": f"{mp.parent.name}/{mp.name}", "tokenizer": files_digest(mp, _TOKENIZER_FILES),
+                   "data_code": source_digest()}
+            self._split_cache = SplitCache(self.splits_path, key)
+        return self._split_cache
+
+    def _from_split_cache(self, task: str) -> None:
+        """Take every split's tokens and the class count of ``task`` from a valid split cache (tried once)."""
+        if task not in self._split_cache_tried:
+            self._split_cache_tried.add(task)
+            got = self.splits().read_task(task, _TOKEN_FIELDS)
+            if got is not None:
+                self._tok.update({(task, s): got[s] for s in SPLITS})
+                self._n_cls[task] = got["n_classes"]
+
+    def _task_tokens(self, task: str) -> dict:
+        """What the split cache holds of ``task``: ``{split: _tokens(task, split), "n_classes": C}``."""
+        return {**{s: self._tokens(task, s) for s in SPLITS}, "n_classes": self._n_classes(task)}
+
     def _n_classes(self, task: str) -> int:
-        return self._split(task, "train").features["label"].num_classes
+        self._check_task(task)
+        self._from_split_cache(task)
+        if task not in self._n_cls:
+            self._n_cls[task] = self._split(task, "train").features["label"].num_classes
+        return self._n_cls[task]
 
     def _tokens(self, task: str, split: str):
-        """(input_ids, attention_mask, labels) of a whole split, padded to ``max_len``; tokenized once."""
+        """(input_ids, attention_mask, labels) of a whole split, padded to ``max_len``; tokenized once, or read
+        from the split cache."""
         key = (task, split)
+        if key not in self._tok:
+            self._check_task(task)
+            self._from_split_cache(task)
         if key not in self._tok:
             ds = self._split(task, split)
             enc = self.tokenizer(list(ds["text"]), truncation=True, max_length=self.options["max_len"],
