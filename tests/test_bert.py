@@ -23,12 +23,7 @@ from epmq.models.bert import BertConfig, BertEncoderModel  # noqa: E402
 MODEL = Path(gt.get_model_path())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -26,17 +26,11 @@ def _suite(cache, **kw):
     return MiniLMSuite(cache, seed=0, **{**TINY, **kw})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny batches: one thread is as fast, and avoids oversubscription when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, _one_thread):
+def built(tmp_path_factory, one_thread):
     cache = tmp_path_factory.mktemp("minilm")
     suite = _suite(cache)
     heads_before = {t: {k: v.clone() for k, v in suite.head(t).state_dict().items()} for t in suite.tasks}
