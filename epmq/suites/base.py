@@ -16,6 +16,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from epmq.errors import EPMQError
+
 
 class Suite(ABC):
     """A benchmark suite. Subclasses set ``name``, ``tasks`` and ``adapter`` and implement the methods."""
@@ -35,17 +37,23 @@ class Suite(ABC):
     # {cache}/base.safetensors, {cache}/heads/<task>.safetensors, {cache}/experts/<task>.safetensors, each
     # with its metadata next to it: path.with_suffix(".json").
     @property
-    @abstractmethod
     def base_path(self) -> Path:
         """``{cache}/base.safetensors``."""
+        return self.cache_dir / "base.safetensors"
 
-    @abstractmethod
     def head_path(self, task: str) -> Path:
-        """``{cache}/heads/<task>.safetensors``."""
+        """``{cache}/heads/<task>.safetensors`` (a task of this suite, else an error naming it)."""
+        return self.cache_dir / "heads" / f"{self._check_task(task)}.safetensors"
 
-    @abstractmethod
     def expert_path(self, task: str) -> Path:
-        """``{cache}/experts/<task>.safetensors``."""
+        """``{cache}/experts/<task>.safetensors`` (a task of this suite, else an error naming it)."""
+        return self.cache_dir / "experts" / f"{self._check_task(task)}.safetensors"
+
+    def _check_task(self, task: str) -> str:
+        """``task`` when it is one of this suite's tasks; else one clear error naming it."""
+        if task not in self.tasks:
+            raise EPMQError(f"task={task!r}: not a task of the {self.name} suite (tasks: {list(self.tasks)})")
+        return task
 
     # -- sources ------------------------------------------------------------------------------------------
     def prefetch(self) -> dict:

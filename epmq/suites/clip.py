@@ -345,19 +345,8 @@ class HubSuiteMixin:
     ``max_test``, ``n_val``, ``calib_pool``) on the suite, and its ``_check_task``/``build_expert``/
     ``load_encoder``."""
 
-    @property
-    def base_path(self) -> Path:
-        return self.cache_dir / "base.safetensors"
-
-    def expert_path(self, task: str) -> Path:
-        return self.cache_dir / "experts" / f"{task}.safetensors"
-
     def data_path(self, task: str, split: str) -> Path:
         return self.cache_dir / "data" / task / f"{split}.safetensors"
-
-    def _check_task(self, task: str) -> None:
-        if task not in self.tasks:
-            raise EPMQError(f"task={task!r}: not a task of this {self.name} suite (tasks: {list(self.tasks)})")
 
     def config(self) -> dict:
         """The suite's options as JSON (recorded in metadata)."""
@@ -540,9 +529,6 @@ class ClipSuite(HubSuiteMixin, Suite):
             torch.set_num_threads(int(cfg["threads"]))
 
     # -- paths ----------------------------------------------------------------------------------------------
-
-    def head_path(self, task: str) -> Path:
-        return self.cache_dir / "heads" / f"{task}.safetensors"
 
     @property
     def projection_path(self) -> Path:

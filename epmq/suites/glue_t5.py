@@ -154,11 +154,7 @@ class T5GlueSuite(HubSuiteMixin, Suite):
 
             torch.set_num_threads(int(cfg["threads"]))
 
-    # -- paths ----------------------------------------------------------------------------------------------
-
-    def head_path(self, task: str) -> Path:
-        """Never written: this suite has no heads (the LM head is part of the model)."""
-        return self.cache_dir / "heads" / f"{task}.safetensors"
+    # -- paths: the Suite layout (head_path is never written: no heads, the LM head is part of the model) ----
 
     def model_sources(self) -> list[str]:
         """Every model source this suite reads (base, then the experts), in order."""

