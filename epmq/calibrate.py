@@ -33,7 +33,8 @@ and the statistics stay float32. Other tensors of a call (masks, position biases
 
 Precision: ``forward_dtype`` runs the block forwards under autocast; ``stats_dtype="bf16"`` rounds the captured
 layer inputs to bf16 before the Gram products ``G``/``C`` (:func:`epmq.precision.add_gram`), which are still
-accumulated and kept in float32 -- on CPUs with bf16 matmul hardware that is ~2.6x faster at d_in = 1536.
+accumulated and kept in float32 -- on CPUs with bf16 matmul hardware the statistics update is 1.2-2.0x faster
+(``bench/grams_bench.py``).
 """
 
 from __future__ import annotations

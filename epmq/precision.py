@@ -79,17 +79,13 @@ def _onednn_fp32_precision(mode: str):
 
 
 def add_gram(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> None:
-    """``acc += a^T b`` in float32 (``a``, ``b``: float32 (N, d)). With ``dtype`` (bf16), ``a`` and ``b`` are
-    first rounded to it, so the result is the float32-accumulated product of the rounded inputs whatever
-    runs it: on a CPU with bf16 matmul hardware, oneDNN's bf16 math mode (bf16 products, float32 accumulation
-    and output; ~2.6x faster than float32 at d = 1536); elsewhere a float32 product of the rounded values."""
-    if dtype is None:
-        acc.addmm_(a.T, b)
-        return
-    ra = a.to(dtype).float()
-    rb = ra if b is a else b.to(dtype).float()
-    if acc.device.type == "cpu" and _onednn_bf16() and dtype == torch.bfloat16:
-        with _onednn_fp32_precision("bf16"):  # inputs are bf16 values already: the rounding is exact
-            acc.addmm_(ra.T, rb)
+    """``acc += a^T b`` in float32 (``a``, ``b``: float32 (N, d)). With ``dtype`` (bf16), ``a`` and ``b`` must
+    hold values already rounded to it (float32 tensors of bf16 values, see ``TaskStats._augment``); the result
+    is then the float32-accumulated product of those values whatever runs it: on a CPU with bf16 matmul
+    hardware, oneDNN's bf16 math mode (bf16 products -- exact here, the inputs being bf16 values -- float32
+    accumulation and output; the GEMM ~2.6x faster than float32 at d = 1536); elsewhere a float32 product."""
+    if dtype == torch.bfloat16 and acc.device.type == "cpu" and _onednn_bf16():
+        with _onednn_fp32_precision("bf16"):
+            acc.addmm_(a.T, b)
     else:
-        acc.addmm_(ra.T, rb)
+        acc.addmm_(a.T, b)

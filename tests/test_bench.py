@@ -93,3 +93,24 @@ def test_bench_streamed_experts_match_in_memory(qb, tmp_path):
 def test_bench_rejects_unknown_variant(qb):
     with pytest.raises(SystemExit):
         qb.parse_args(["--variants", "gptq,fast"])
+
+
+def test_grams_bench_compares_stats_dtypes(tmp_path):
+    """bench/grams_bench.py on tiny widths: both settings timed, the bf16 statistics equal the float64 products
+    of the rounded inputs (the sums are not rounded), and differ from fp32 by the input rounding only."""
+    spec = importlib.util.spec_from_file_location("grams_bench", BENCH.with_name("grams_bench.py"))
+    gb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gb)
+    import torch
+
+    rows = gb.bench([8, 40], tokens=64, batches=2, repeats=1, device=torch.device("cpu"))
+    assert [r["d_in"] for r in rows] == [8, 40]
+    for r in rows:
+        assert r["fp32_ms"] > 0 and r["bf16_ms"] > 0
+        assert r["bf16_vs_rounded"] < 1e-6
+        assert 0 < r["bf16_vs_fp32"] < 1e-2
+    out = tmp_path / "g.csv"
+    gb.write_csv(rows, out)
+    assert csv.DictReader(open(out)).fieldnames == gb.COLUMNS
+    assert [row["d_in"] for row in csv.DictReader(open(out))] == ["8", "40"]
+    assert "bf16_vs_rounded" in gb.format_table(rows)

@@ -59,8 +59,12 @@ class TaskStats:
         self.n = 0
 
     @staticmethod
-    def _augment(x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(-1, x.shape[-1]).float()
+    def _augment(x: torch.Tensor, round_to: torch.dtype | None = None) -> torch.Tensor:
+        """``[x; 1]`` as float32 rows, the values first rounded to ``round_to`` (None: as they are)."""
+        x = x.reshape(-1, x.shape[-1])
+        if round_to is not None:
+            x = x.to(round_to)
+        x = x.float()
         return torch.cat([x, torch.ones(x.shape[0], 1, device=x.device)], dim=1)
 
     def add(self, x: torch.Tensor, x_expert: torch.Tensor | None = None, *, name: str = "inputs") -> None:
@@ -70,7 +74,7 @@ class TaskStats:
         those d + 1 numbers after each batch catches it without a pass over the tokens."""
         if x.shape[-1] != self.d_in:
             raise EPMQError(f"{name}: inputs have d_in={x.shape[-1]}, the layer expects {self.d_in}")
-        xa = self._augment(x)
+        xa = self._augment(x, self.round_to)
         add_gram(self.G, xa, xa, self.round_to)
         if not bool(torch.isfinite(torch.diagonal(self.G)).all()):
             check_finite(x, name)  # names the culprit
@@ -82,7 +86,7 @@ class TaskStats:
                 raise EPMQError(
                     f"{name}: expert inputs {tuple(x_expert.shape)} are not aligned with inputs {tuple(x.shape)}"
                 )
-            xe = self._augment(x_expert)
+            xe = self._augment(x_expert, self.round_to)
             add_gram(self.C, xe, xa, self.round_to)
             if not bool(torch.isfinite(torch.diagonal(self.C)).all()):
                 check_finite(x_expert, f"{name} (expert)")  # names the culprit
