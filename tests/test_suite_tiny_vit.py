@@ -14,6 +14,7 @@ import torch
 
 from epmq.errors import EPMQError
 from epmq.suites import get_suite
+from epmq.suites._splits import SPLITS
 from epmq.suites.tiny_vit import TinyViTSuite
 
 TINY = dict(tasks=("digits", "textures"), width=32, layers=2, heads=2, output_dim=16, batch_size=32,
@@ -194,7 +195,6 @@ def test_evaluate_toy_classifier_gives_the_exact_accuracy(built):
 
 
 # ------------------------------------------------------------------------------------------- split cache
-SPLITS = ("train", "validation", "test")
 
 
 def _assert_same_splits(a, b):

@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from epmq.errors import EPMQError
+from epmq.suites._splits import FILENAME as SPLITS_FILENAME
 
 
 class Suite(ABC):
@@ -48,6 +49,12 @@ class Suite(ABC):
     def expert_path(self, task: str) -> Path:
         """``{cache}/experts/<task>.safetensors`` (a task of this suite, else an error naming it)."""
         return self.cache_dir / "experts" / f"{self._check_task(task)}.safetensors"
+
+    @property
+    def splits_path(self) -> Path:
+        """``{cache}/splits.safetensors``: the split cache an embedded suite's :meth:`build_base` writes
+        (:mod:`epmq.suites._splits`)."""
+        return self.cache_dir / SPLITS_FILENAME
 
     def _check_task(self, task: str) -> str:
         """``task`` when it is one of this suite's tasks; else one clear error naming it."""

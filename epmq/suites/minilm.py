@@ -49,9 +49,10 @@ the merge, points): steps 60: 82.2 / 79.4 / 76.2 (merge gap 2.8, RTN cost 3.2); 
 2.5); 90: 83.6 / 80.5 / 78.1 (3.1, 2.4); 120: 84.7 / 81.3 / 78.6 (3.4, 2.7); 240: 85.2 / 82.2 / 80.5 (3.0,
 1.7). With 2000 train examples per task the same 120 steps see each one ~2 times: 84.3 / 78.6 / 75.5 (gap
 5.7, cost 3.1); the experts specialise more and conflict more when added. The default grid's run
-reproduces these numbers exactly (RTN 4 / 3 / 2 bits 77.0 / 75.5 / 45.8). Cold build (data from the
-registries + base + heads + 4 experts, one thread per job, job times added up) 274 s; one model on all tasks
-16.5 s (1 thread, whole process). ``precision="bf16"`` (autocast forwards, fp32 weights) made fine-tuning steps
+reproduced these numbers exactly (RTN 4 / 3 / 2 bits 77.0 / 75.5 / 45.8, evaluated in batches of 128; in
+batches of 32 the 4-bit RTN model reads 77.1). Cold build (data from the registries + base + heads + 4
+experts, one thread per job, job times added up) 264 s; one model on all tasks 13.2 s (1 thread, whole
+process). ``precision="bf16"`` (autocast forwards, fp32 weights) made fine-tuning steps
 ~2.3x and evaluation ~3x faster than fp32 on this CPU (AMX), moving test accuracies by <= 0.2 points per task.
 ``max_len`` 48 (was 64) truncates spam e-mails and long reviews earlier but cuts evaluation and training
 tokens ~15%. Tried and rejected (3-bit cost, fp32 experts): ``lr=2e-4`` 0.7; ``scale`` 40 / 60 / 100
@@ -83,7 +84,6 @@ from epmq.evaluate import accuracy_record
 from epmq.precision import autocast, linear_weights_in
 from epmq.io import save_safetensors_atomic as _save_safetensors
 from epmq.io import write_json_atomic
-from epmq.suites._splits import FILENAME as SPLITS_FILE
 from epmq.suites._splits import SPLITS, SplitCache, files_digest
 from epmq.suites.base import Suite, parse_set_options
 
@@ -520,11 +520,6 @@ class MiniLMSuite(Suite):
         return {"model": str(self.model_path.name),
                 "datasets": {t: {s: len(self._split(t, s)) for s in ("train", "validation", "test")}
                              for t in self.tasks}}
-
-    @property
-    def splits_path(self) -> Path:
-        """``{cache}/splits.safetensors``: every task's tokenized splits, written by :meth:`build_base`."""
-        return self.cache_dir / SPLITS_FILE
 
     def splits(self) -> SplitCache:
         """The split cache (:mod:`epmq.suites._splits`), keyed by everything that determines the tokens."""

@@ -81,7 +81,6 @@ from epmq.errors import EPMQError
 from epmq.evaluate import accuracy_record
 from epmq.io import save_safetensors_atomic as _save_safetensors
 from epmq.io import write_json_atomic
-from epmq.suites._splits import FILENAME as SPLITS_FILE
 from epmq.suites._splits import SplitCache
 from epmq.suites.base import Suite, parse_set_options
 
@@ -247,12 +246,6 @@ class TinyViTSuite(Suite):
 
     def _task_seed(self, what: str) -> int:
         return (self.seed * 1_000_003 + zlib.crc32(what.encode())) % (2**31 - 1)
-
-    # -- paths (base, heads, experts: the Suite layout) -----------------------------------------------------
-    @property
-    def splits_path(self) -> Path:
-        """``{cache}/splits.safetensors``: every task's raw splits, written by :meth:`build_base`."""
-        return self.cache_dir / SPLITS_FILE
 
     # -- data ----------------------------------------------------------------------------------------------
     def _loader_kwargs(self, task: str) -> dict:
