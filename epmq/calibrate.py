@@ -31,6 +31,12 @@ half precision between blocks, half their memory; they are cast back to float32 
 and the statistics stay float32. Other tensors of a call (masks, position biases, T5's
 ``encoder_hidden_states``) are kept as they are.
 
+Passes: a group's pass stops as soon as its inputs are captured, each expert block runs once per block
+(``EXPERT_CACHE_MB``), and a sub-module whose sites are all quantized is not recomputed by the block's later
+passes over the same calibration call (:class:`_Reuse`, ``REUSE_CACHE_MB``; validity tracked from the forward
+order, bit-identical weights, tested): BERT's attention runs once for the FFN's two groups and the
+propagation instead of three times (minilm GPTQ quantize 9.0 -> 6.9 s).
+
 Precision: ``forward_dtype`` runs the block forwards under autocast; ``stats_dtype="bf16"`` rounds the captured
 layer inputs to bf16 before the Gram products ``G``/``C`` (:func:`epmq.precision.add_gram`), which are still
 accumulated and kept in float32 -- on CPUs with bf16 matmul hardware the statistics update is 1.2-2.0x faster
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager, nullcontext
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -266,10 +273,11 @@ def _load_from(module: nn.Module, sd: Mapping[str, torch.Tensor], prefix: str, w
 class _Capture:
     """Hooks that record the inputs of a group's sites during one block call (by input key)."""
 
-    def __init__(self, sites: Sequence[Site], *, stop: bool = False):
+    def __init__(self, sites: Sequence[Site], *, stop: bool = False, reuse: "_Reuse | None" = None):
         self.sites = sites
         self.inputs: dict[str, torch.Tensor] = {}
         self._busy = False
+        self._reuse = reuse
         # stop: end the block call (raise _StopForward) as soon as every wanted input is captured, so a group
         # early in the block does not pay for the rest of it
         self._stop_after = {s.input_key for s in sites} if stop else None
@@ -324,7 +332,8 @@ class _Capture:
                 params["out_proj.bias"] = torch.zeros_like(mha.out_proj.bias)
             self._busy = True
             try:
-                ctx = torch.func.functional_call(mha, params, args, kwargs)[0]
+                with self._reuse.paused() if self._reuse is not None else nullcontext():
+                    ctx = torch.func.functional_call(mha, params, args, kwargs)[0]
             finally:
                 self._busy = False
             self._store(site.input_key, ctx)
@@ -343,6 +352,171 @@ def _link_mha_parents(block: nn.Module) -> None:
     for m in block.modules():
         if isinstance(m, nn.MultiheadAttention):
             object.__setattr__(m.out_proj, "_epmq_parent_mha", m)
+
+
+#: largest total size (MiB) of the sub-module outputs one block keeps for its later true-sequential passes
+#: (:class:`_Reuse`); beyond it, further outputs are recomputed (same numbers, more compute). 0: no reuse
+REUSE_CACHE_MB = 2048
+
+
+def _clone_out(x):
+    """A copy of a module output's tensors (tuples, lists and dicts walked; anything else kept as it is)."""
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple
+        return type(x)(*(_clone_out(v) for v in x))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone_out(v) for v in x)
+    if isinstance(x, dict):
+        out = copy.copy(x)  # keeps the class (e.g. transformers' ModelOutput)
+        for k, v in x.items():
+            out[k] = _clone_out(v)
+        return out
+    return x
+
+
+def _nbytes(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(v) for v in x)
+    if isinstance(x, dict):
+        return sum(_nbytes(v) for v in x.values())
+    return 0
+
+
+class _Reuse:
+    """Sub-module outputs of one block, kept for the block's later passes over the same calibration call.
+
+    True-sequential quantization runs a block once per group of sites (each pass sees the earlier groups
+    quantized, and stops where the group's inputs are captured) and once more to propagate. A sub-module whose
+    sites are all quantized already computes, in every later pass over the same block input, exactly what it
+    computed before -- nothing upstream of it changes any more -- so those passes read its output instead
+    (BERT: the attention sub-module runs once for the FFN's two groups and the propagation, not three times).
+
+    Validity is tracked, not assumed: modules are numbered in the order the forward first enters them, and a
+    written site invalidates every kept output whose module ended at or after the site's position (the site is
+    upstream of it or inside it). Only modules holding at least one site are wrapped (the expensive ones);
+    one called twice in a block call is never reused; kept outputs are copied in and out (a later in-place
+    operation cannot reach them); ``REUSE_CACHE_MB`` bounds the memory. Calls are keyed by the caller
+    (:meth:`calling`): the same key must mean the same block input.
+    """
+
+    def __init__(self, block: nn.Module, sites: Sequence[Site]):
+        self.sites = {s.name: s for s in sites}
+        self.budget = REUSE_CACHE_MB * 2**20
+        self.inside: dict[int, frozenset[str]] = {}  # wrapped module -> names of the sites it holds
+        self.paths: dict[int, str] = {}
+        self.order: dict[int, int] = {}  # module -> number of its first entry
+        self.end: dict[int, int] = {}  # module -> highest number entered before its first return
+        self.written: set[str] = set()
+        self.kept: dict[tuple[int, object], object] = {}
+        self.size = 0
+        self.hits = 0
+        self.shared: set[int] = set()  # modules called more than once in one block call: never reused
+        self._key = None
+        self._entered: set[int] = set()  # modules entered during the current block call
+        self._modules: list[nn.Module] = []
+        self._handles = []
+        for path, mod in block.named_modules():
+            if not path:
+                continue
+            inside = frozenset(n for n in self.sites if n.startswith(path + "."))
+            if inside and "forward" not in mod.__dict__:
+                self.inside[id(mod)], self.paths[id(mod)] = inside, path
+                mod.forward = self._wrap(mod, mod.forward)
+                # numbered on entry, before any capture hook can end the call (prepend)
+                self._handles.append(mod.register_forward_pre_hook(self._number, prepend=True))
+                self._modules.append(mod)
+
+    def _number(self, mod, _args) -> None:
+        if self._key is not None and id(mod) not in self.order:
+            self.order[id(mod)] = len(self.order)
+
+    def close(self) -> None:
+        for mod in self._modules:
+            mod.__dict__.pop("forward", None)
+        for h in self._handles:
+            h.remove()
+        self._modules, self._handles, self.kept, self.size = [], [], {}, 0
+
+    @contextmanager
+    def calling(self, key):
+        """Context of one block call with input ``key``."""
+        self._key, self._entered = key, set()
+        try:
+            yield
+        finally:
+            self._key = None
+
+    @contextmanager
+    def paused(self):
+        """Calls inside run plainly (the mha_out capture's functional call with a stand-in out_proj)."""
+        key, self._key = self._key, None
+        try:
+            yield
+        finally:
+            self._key = key
+
+    def _wrap(self, mod: nn.Module, forward):
+        mid = id(mod)
+
+        def wrapped(*args, **kwargs):
+            key = self._key
+            if key is None:  # outside a keyed call, or paused: plain
+                return forward(*args, **kwargs)
+            if mid in self._entered:
+                self.shared.add(mid)
+                self._drop_module(mid)
+                return forward(*args, **kwargs)
+            self._entered.add(mid)
+            hit = self.kept.get((mid, key))
+            if hit is not None and mid not in self.shared:
+                self.hits += 1
+                return _clone_out(hit)
+            out = forward(*args, **kwargs)
+            if mid not in self.end:
+                self.end[mid] = len(self.order) - 1
+            if mid not in self.shared and self.inside[mid] <= self.written:
+                self._keep(mid, key, out)
+            return out
+
+        return wrapped
+
+    def _keep(self, mid: int, key, out) -> None:
+        n = _nbytes(out)
+        if self.size + n > self.budget:
+            return
+        path = self.paths[mid] + "."
+        for k in [k for k in self.kept if k[1] == key and self.paths[k[0]].startswith(path)]:
+            self._drop(k)  # an enclosing module's output makes its parts' outputs unnecessary
+        self.kept[(mid, key)] = _clone_out(out)
+        self.size += n
+
+    def _drop(self, k) -> None:
+        self.size -= _nbytes(self.kept.pop(k))
+
+    def _drop_module(self, mid: int) -> None:
+        for k in [k for k in self.kept if k[0] == mid]:
+            self._drop(k)
+
+    def _position(self, site: Site) -> int | None:
+        """Number of the site's module, or of its closest numbered enclosing module (an MHA's out_proj is used
+        functionally, never called); None when nothing holding it ran."""
+        best = None
+        for mid, inside in self.inside.items():
+            if site.name in inside and mid in self.order:
+                if best is None or len(self.paths[mid]) > len(self.paths[best]):
+                    best = mid
+        return None if best is None else self.order[best]
+
+    def wrote(self, site: Site) -> None:
+        """``site``'s weight changed: forget every output that depended on it."""
+        self.written.add(site.name)
+        pos = self._position(site)
+        for k in list(self.kept):
+            if pos is None or self.end.get(k[0], -1) >= pos:
+                self._drop(k)
 
 
 # ------------------------------------------------------------------ the engine
@@ -457,9 +631,11 @@ class _Engine:
         streams.expert = nxt
         return out
 
-    def group_stats(self, idx, sites, streams, t, with_expert, expert_inputs=None) -> dict[str, TaskStats]:
+    def group_stats(self, idx, sites, streams, t, with_expert, expert_inputs=None,
+                    reuse: _Reuse | None = None) -> dict[str, TaskStats]:
         """Statistics of one task for one group of sites (shared inputs computed once). With ``expert_inputs``
-        (from :meth:`expert_pass`) the expert's inputs are read from there instead of re-running its block."""
+        (from :meth:`expert_pass`) the expert's inputs are read from there instead of re-running its block;
+        with ``reuse``, the model's block reads the outputs its finished parts gave in earlier passes."""
         block = self.blocks[idx][1]
         keys = {}
         for s in sites:
@@ -474,7 +650,7 @@ class _Engine:
             esites = [s for g in self.adapter.find_linears(eblock) for s in g if s.input_key in keys]
         with torch.no_grad():
             for i, call in enumerate(streams.model[t]):
-                with _Capture(list(keys.values()), stop=True) as cap:
+                with _Capture(list(keys.values()), stop=True, reuse=reuse) as cap, _calling(reuse, (t, i)):
                     try:
                         _run_block(block, _use(call, self.store), self.dtype)
                     except _StopForward:
@@ -500,15 +676,20 @@ class _Engine:
         """The kept call of the next block: ``block`` run on the kept ``call`` (see :func:`_keep`, :func:`_use`)."""
         return _keep(_next_call(self.adapter, block, _use(call, self.store), self.dtype), self.store)
 
-    def propagate(self, idx, streams, with_expert) -> None:
-        """Advance the model's streams (and, with ``with_expert``, the experts') past block ``idx``."""
+    def propagate(self, idx, streams, with_expert, reuse: _Reuse | None = None) -> None:
+        """Advance the model's streams (and, with ``with_expert``, the experts') past block ``idx`` (``reuse``: see
+        :meth:`group_stats`)."""
         block = self.blocks[idx][1]
         where = f"hidden state after {self.blocks[idx][0]}"
         if self.store is not None:
             where += f" (stored as act_dtype={self.act_dtype})"
         with torch.no_grad():
             for t, calls in enumerate(streams.model):
-                streams.model[t] = [self._advance(block, c) for c in calls]
+                nxt = []
+                for i, c in enumerate(calls):
+                    with _calling(reuse, (t, i)):
+                        nxt.append(self._advance(block, c))
+                streams.model[t] = nxt
                 check_finite(streams.model[t][0].hidden, where)
             if with_expert:
                 for t, calls in enumerate(streams.expert):
@@ -519,6 +700,10 @@ class _Engine:
         from tqdm.auto import tqdm
 
         return tqdm(range(len(self.blocks)), desc=self.desc, unit="block", disable=not self.progress)
+
+
+def _calling(reuse: _Reuse | None, key):
+    return reuse.calling(key) if reuse is not None else nullcontext()
 
 
 def _default_device() -> torch.device:
@@ -731,42 +916,58 @@ def quantize_model(
             engine.enter_stack(idx, streams, with_expert=use_experts)
         # the experts' inputs of this block, captured once for all groups (None: recompute per group)
         expert_inputs = engine.expert_pass(idx, streams) if (sequential and use_experts) else None
-        for group in engine.adapter.find_linears(block):
-            folds = {}
-            if sequential:
-                # each task's statistics are folded as soon as they are collected and then dropped: memory
-                # holds one task's (d_in + 1)^2 Grams, not T of them (T = 20 at ViT-L/14: 2.7 GB at d_in 4096)
-                folds = {site.name: _new_fold(engine, cfg, site) for site in group}
-                for t in range(len(engine.calib)):
-                    task_stats = engine.group_stats(idx, group, streams, t, with_expert=use_experts,
-                                                    expert_inputs=expert_inputs)
-                    for site in group:
-                        _fold_task(engine, idx, site, folds[site.name], t, task_stats[site.input_key], use_experts)
-                    del task_stats
-            plans = []
-            for site in group:
-                full = prefix + site.name
-                folded = None
-                if needs_data:
-                    if sequential:
-                        folded = folds[site.name]
-                    else:
-                        if full not in stats:
-                            raise EPMQError(f"statistics have no entry for {full!r}")
-                        folded = _fold(engine, cfg, idx, site, [{site.input_key: s} for s in stats[full]], use_experts)
-                plans.append(_plan(cfg, site, full, folded))
-            for plan, Q, bias, result, log in _quantize_group(cfg, plans):
-                site, full = plan.site, plan.full
-                _write(site, Q, bias)
-                if result is not None:
-                    report.results[full] = _share_weight(result, site)
-                if bias is not None:
-                    report.biases[prefix + site.bias_name] = bias
-                report.layers.append(log)
-        if sequential and not engine.starts_stack(idx + 1):  # a next stack re-captures its own inputs
-            engine.propagate(idx, streams, with_expert=use_experts and expert_inputs is None)
+        groups = list(engine.adapter.find_linears(block))
+        reuse = _Reuse(block, [s for g in groups for s in g]) if sequential and REUSE_CACHE_MB > 0 else None
+        try:
+            _quantize_block(engine, cfg, report, idx, groups, streams, sequential, needs_data, use_experts,
+                            expert_inputs, stats, reuse)
+        finally:
+            if reuse is not None:
+                reuse.close()
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _quantize_block(engine, cfg, report, idx, groups, streams, sequential, needs_data, use_experts, expert_inputs,
+                    stats, reuse) -> None:
+    """Collect, solve, round and write every group of block ``idx`` in order, then propagate past it."""
+    prefix = engine.blocks[idx][0]
+    for group in groups:
+        folds = {}
+        if sequential:
+            # each task's statistics are folded as soon as they are collected and then dropped: memory
+            # holds one task's (d_in + 1)^2 Grams, not T of them (T = 20 at ViT-L/14: 2.7 GB at d_in 4096)
+            folds = {site.name: _new_fold(engine, cfg, site) for site in group}
+            for t in range(len(engine.calib)):
+                task_stats = engine.group_stats(idx, group, streams, t, with_expert=use_experts,
+                                                expert_inputs=expert_inputs, reuse=reuse)
+                for site in group:
+                    _fold_task(engine, idx, site, folds[site.name], t, task_stats[site.input_key], use_experts)
+                del task_stats
+        plans = []
+        for site in group:
+            full = prefix + site.name
+            folded = None
+            if needs_data:
+                if sequential:
+                    folded = folds[site.name]
+                else:
+                    if full not in stats:
+                        raise EPMQError(f"statistics have no entry for {full!r}")
+                    folded = _fold(engine, cfg, idx, site, [{site.input_key: s} for s in stats[full]], use_experts)
+            plans.append(_plan(cfg, site, full, folded))
+        for plan, Q, bias, result, log in _quantize_group(cfg, plans):
+            site, full = plan.site, plan.full
+            _write(site, Q, bias)
+            if reuse is not None:
+                reuse.wrote(site)
+            if result is not None:
+                report.results[full] = _share_weight(result, site)
+            if bias is not None:
+                report.biases[prefix + site.bias_name] = bias
+            report.layers.append(log)
+    if sequential and not engine.starts_stack(idx + 1):  # a next stack re-captures its own inputs
+        engine.propagate(idx, streams, with_expert=use_experts and expert_inputs is None, reuse=reuse)
 
 
 def collect_stats(

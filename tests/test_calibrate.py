@@ -260,6 +260,84 @@ def test_engine_shortcuts_change_nothing(setting, method, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["gptq", "epmq"])
+def test_reused_outputs_change_nothing(setting, method, monkeypatch):
+    """Reading a finished sub-module's output in a block's later passes (``_Reuse``) gives bit-identical
+    weights, and it does happen on every architecture (attention is not recomputed for the FFN's groups)."""
+    import epmq.calibrate as C
+
+    name, merged, experts, calib, _ = setting
+    hits = []
+    close = C._Reuse.close
+    monkeypatch.setattr(C._Reuse, "close", lambda self: hits.append(self.hits) or close(self))
+    out = []
+    for budget in (0, C.REUSE_CACHE_MB):  # 0: no reuse, every pass recomputes the block
+        monkeypatch.setattr(C, "REUSE_CACHE_MB", budget)
+        model = copy.deepcopy(merged)
+        rep = quantize_model(model, calib, QuantConfig(method=method, bits=3), experts=experts, progress=False)
+        out.append((rep, model.state_dict()))
+    n_blocks = sum(len(stack) for stack in get_adapter(merged).find_stacks(merged))
+    assert len(hits) == n_blocks and all(h > 0 for h in hits), hits
+    (ra, sa), (rb, sb) = out
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert all(torch.equal(ra.results[k].codes, rb.results[k].codes) for k in ra.results)
+    # nothing of the wrapping survives the run
+    assert not any("forward" in m.__dict__ for m in merged.modules())
+
+
+class _Toy(torch.nn.Module):
+    """a -> (b twice, shared) -> c, with an in-place op on a's output downstream."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = (torch.nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x):
+        h = self.a(x)
+        h.mul_(2.0)  # in place on a's output: a kept copy must not see it
+        return self.c(self.b(self.b(h)))
+
+
+def test_reuse_tracks_writes_shared_modules_and_in_place_ops():
+    import epmq.calibrate as C
+    from epmq.models.adapters import _linear
+
+    block = _Toy()
+    sites = [_linear(block, p, p) for p in ("a", "b", "c")]
+    x = torch.randn(3, 4)
+    reuse = C._Reuse(block, sites)
+    try:
+        with torch.no_grad():
+            with reuse.calling(0):
+                block(x)  # nothing written yet: nothing kept
+            assert reuse.kept == {}
+            reuse.wrote(sites[0])
+            block.a.weight.data.mul_(0.5)  # (the write itself; reuse only needs to be told)
+            with reuse.calling(0):
+                first = block(x)
+            assert set(reuse.kept) == {(id(block.a), 0)}  # a done; b is called twice: never kept
+            assert id(block.b) in reuse.shared
+            with reuse.calling(0):
+                again = block(x)
+            assert reuse.hits == 1 and torch.equal(first, again)
+            with reuse.calling(1):  # another input key: computed, not read
+                other = block(x + 1)
+            assert reuse.hits == 1 and not torch.equal(other, first)
+            # a write upstream of a kept output forgets it; the next pass recomputes with the new weight
+            block.a.weight.data.mul_(2.0)
+            reuse.wrote(sites[0])
+            assert reuse.kept == {}
+            with reuse.calling(0):
+                fresh = block(x)
+        reuse.close()
+        plain = block(x)
+        assert torch.equal(fresh, plain) and not torch.equal(fresh, first)
+        assert "forward" not in block.a.__dict__ and not block.a._forward_pre_hooks
+    finally:
+        reuse.close()
+
+
+@pytest.mark.parametrize("method", ["gptq", "epmq"])
 def test_shared_hessians_change_nothing(setting, method, monkeypatch):
     """q/k/v (same input, same Hessian) rounded in one stacked GPTQ call give the codes of separate calls
     (up to float rounding in the lazy block update) and fewer GPTQ calls when the model has such sites."""
@@ -335,8 +413,8 @@ def _spy_stored_hidden(monkeypatch):
         record(streams)
         return out
 
-    def propagate(self, idx, streams, with_expert):
-        real["propagate"](self, idx, streams, with_expert)
+    def propagate(self, idx, streams, with_expert, reuse=None):
+        real["propagate"](self, idx, streams, with_expert, reuse)
         record(streams)
 
     for k, f in (("streams", streams), ("enter_stack", enter_stack), ("expert_pass", expert_pass),
