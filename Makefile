@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 # Override for a GPU machine, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 OPEN_CLIP_SPEC ?= open_clip_torch==3.3.0
+UV_SPEC ?= uv==0.13.9
 
 .PHONY: setup data demo test lock clean
 
@@ -16,7 +17,10 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -r requirements.lock
+	# the locked rest through uv (from PyPI): the same pins, fetched and unpacked in parallel, byte-compiled as
+	# pip does; ~17 s instead of pip's ~38 s on 2 cores. torch stays pip's: its CPU wheel is the one above
+	$(PY) -m pip install -q $(UV_SPEC)
+	$(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode -r requirements.lock
 	# open_clip's model code only; its torchvision dependency has no wheel beside CPU torch (see epmq/models/openclip.py)
 	$(PY) -m pip install -q --no-deps $(OPEN_CLIP_SPEC)
 	$(PY) -m pip install -q --no-deps -e .
