@@ -359,30 +359,19 @@ def _link_mha_parents(block: nn.Module) -> None:
 REUSE_CACHE_MB = 2048
 
 
-def _clone_out(x):
-    """A copy of a module output's tensors (tuples, lists and dicts walked; anything else kept as it is)."""
+def _tensors(x) -> list[torch.Tensor]:
+    """The tensors of a module output (tuples, lists and dicts walked)."""
     if isinstance(x, torch.Tensor):
-        return x.clone()
-    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple
-        return type(x)(*(_clone_out(v) for v in x))
+        return [x]
     if isinstance(x, (list, tuple)):
-        return type(x)(_clone_out(v) for v in x)
+        return [t for v in x for t in _tensors(v)]
     if isinstance(x, dict):
-        out = copy.copy(x)  # keeps the class (e.g. transformers' ModelOutput)
-        for k, v in x.items():
-            out[k] = _clone_out(v)
-        return out
-    return x
+        return [t for v in x.values() for t in _tensors(v)]
+    return []
 
 
-def _nbytes(x) -> int:
-    if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
-    if isinstance(x, (list, tuple)):
-        return sum(_nbytes(v) for v in x)
-    if isinstance(x, dict):
-        return sum(_nbytes(v) for v in x.values())
-    return 0
+def _versions(ts: list[torch.Tensor]) -> tuple[int, ...]:
+    return tuple(t._version for t in ts)  # bumped by every in-place operation on the tensor
 
 
 class _Reuse:
@@ -397,8 +386,8 @@ class _Reuse:
     Validity is tracked, not assumed: modules are numbered in the order the forward first enters them, and a
     written site invalidates every kept output whose module ended at or after the site's position (the site is
     upstream of it or inside it). Only modules holding at least one site are wrapped (the expensive ones);
-    one called twice in a block call is never reused; kept outputs are copied in and out (a later in-place
-    operation cannot reach them); ``REUSE_CACHE_MB`` bounds the memory. Calls are keyed by the caller
+    one called twice in a block call is never reused; a kept output that was changed in place since (its
+    tensors' version counters moved) is dropped, not read; ``REUSE_CACHE_MB`` bounds the memory. Calls are keyed by the caller
     (:meth:`calling`): the same key must mean the same block input.
     """
 
@@ -471,9 +460,12 @@ class _Reuse:
                 return forward(*args, **kwargs)
             self._entered.add(mid)
             hit = self.kept.get((mid, key))
-            if hit is not None and mid not in self.shared:
-                self.hits += 1
-                return _clone_out(hit)
+            if hit is not None:
+                out, ts, versions = hit
+                if _versions(ts) == versions:
+                    self.hits += 1
+                    return out
+                self._drop((mid, key))  # changed in place downstream: recompute
             out = forward(*args, **kwargs)
             if mid not in self.end:
                 self.end[mid] = len(self.order) - 1
@@ -484,17 +476,19 @@ class _Reuse:
         return wrapped
 
     def _keep(self, mid: int, key, out) -> None:
-        n = _nbytes(out)
-        if self.size + n > self.budget:
-            return
         path = self.paths[mid] + "."
         for k in [k for k in self.kept if k[1] == key and self.paths[k[0]].startswith(path)]:
             self._drop(k)  # an enclosing module's output makes its parts' outputs unnecessary
-        self.kept[(mid, key)] = _clone_out(out)
+        ts = _tensors(out)
+        n = sum(t.numel() * t.element_size() for t in ts)
+        if self.size + n > self.budget:
+            return
+        self.kept[(mid, key)] = (out, ts, _versions(ts))
         self.size += n
 
     def _drop(self, k) -> None:
-        self.size -= _nbytes(self.kept.pop(k))
+        _, ts, _ = self.kept.pop(k)
+        self.size -= sum(t.numel() * t.element_size() for t in ts)
 
     def _drop_module(self, mid: int) -> None:
         for k in [k for k in self.kept if k[0] == mid]:

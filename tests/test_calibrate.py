@@ -285,17 +285,17 @@ def test_reused_outputs_change_nothing(setting, method, monkeypatch):
 
 
 class _Toy(torch.nn.Module):
-    """a -> (b twice, shared) -> c, with an in-place op on a's output downstream."""
+    """a -> (in-place x2) -> d -> b twice (shared) -> c."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.a, self.b, self.c = (torch.nn.Linear(4, 4) for _ in range(3))
+        self.a, self.d, self.b, self.c = (torch.nn.Linear(4, 4) for _ in range(4))
 
     def forward(self, x):
         h = self.a(x)
-        h.mul_(2.0)  # in place on a's output: a kept copy must not see it
-        return self.c(self.b(self.b(h)))
+        h.mul_(2.0)  # in place on a's output after it returned: a kept a-output must not be read
+        return self.c(self.b(self.b(self.d(h))))
 
 
 def test_reuse_tracks_writes_shared_modules_and_in_place_ops():
@@ -303,29 +303,31 @@ def test_reuse_tracks_writes_shared_modules_and_in_place_ops():
     from epmq.models.adapters import _linear
 
     block = _Toy()
-    sites = [_linear(block, p, p) for p in ("a", "b", "c")]
+    sites = {p: _linear(block, p, p) for p in ("a", "d", "b", "c")}
     x = torch.randn(3, 4)
-    reuse = C._Reuse(block, sites)
+    reuse = C._Reuse(block, list(sites.values()))
     try:
         with torch.no_grad():
             with reuse.calling(0):
                 block(x)  # nothing written yet: nothing kept
             assert reuse.kept == {}
-            reuse.wrote(sites[0])
-            block.a.weight.data.mul_(0.5)  # (the write itself; reuse only needs to be told)
+            for p in ("a", "d"):
+                getattr(block, p).weight.data.mul_(0.5)  # (the write itself; reuse only needs to be told)
+                reuse.wrote(sites[p])
             with reuse.calling(0):
                 first = block(x)
-            assert set(reuse.kept) == {(id(block.a), 0)}  # a done; b is called twice: never kept
+            assert set(reuse.kept) == {(id(block.a), 0), (id(block.d), 0)}  # b is called twice: never kept
             assert id(block.b) in reuse.shared
             with reuse.calling(0):
                 again = block(x)
+            # a's output was doubled in place after it returned: recomputed, not read; d's read
             assert reuse.hits == 1 and torch.equal(first, again)
             with reuse.calling(1):  # another input key: computed, not read
                 other = block(x + 1)
             assert reuse.hits == 1 and not torch.equal(other, first)
             # a write upstream of a kept output forgets it; the next pass recomputes with the new weight
             block.a.weight.data.mul_(2.0)
-            reuse.wrote(sites[0])
+            reuse.wrote(sites["a"])
             assert reuse.kept == {}
             with reuse.calling(0):
                 fresh = block(x)
