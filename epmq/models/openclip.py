@@ -38,6 +38,7 @@ def open_clip_transformer():
     if "open_clip" not in sys.modules:
         pkg = types.ModuleType("open_clip")
         pkg.__path__ = list(spec.submodule_search_locations)
+        pkg.__spec__ = spec  # importlib.util.find_spec("open_clip") keeps working (it raises on a None spec)
         sys.modules["open_clip"] = pkg
     if "torchvision.ops.misc" not in sys.modules:
 
