@@ -253,14 +253,17 @@ def _state_dict_of(expert) -> Mapping[str, torch.Tensor]:
     return expert.state_dict() if isinstance(expert, nn.Module) else expert
 
 
-def _load_from(module: nn.Module, sd: Mapping[str, torch.Tensor], prefix: str, who: str) -> None:
+def _load_from(module: nn.Module, sd: Mapping[str, torch.Tensor], prefix: str, who: str,
+               skip: tuple[str, ...] = ()) -> None:
+    """Copy ``sd[prefix + name]`` into every parameter and buffer of ``module`` (names starting with one of
+    ``skip`` left as they are)."""
     seen: set[int] = set()
     with torch.no_grad():
         for k, p in module.state_dict(keep_vars=True).items():
-            if id(p) in seen:  # a tied weight (T5's embed_tokens = shared): loaded under its first name
-                continue
-            seen.add(id(p))
             key = prefix + k
+            if id(p) in seen or (skip and key.startswith(skip)):
+                continue  # a tied weight (T5's embed_tokens = shared) is loaded under its first name
+            seen.add(id(p))
             try:
                 src = sd[key]
             except KeyError:
@@ -561,9 +564,12 @@ class _Engine:
             if self.experts is not None:
                 work = copy.deepcopy(model)
                 work_first = self.adapter.find_blocks(work)[0][1]
+                # the forward stops at the first block, so the blocks' weights are not loaded here (expert_block
+                # loads one block at a time): each expert's stem is read (ViT-L/14: 7 MB), not all of it (1.2 GB)
+                blocks = tuple(prefix for prefix, _ in self.blocks)
                 theirs = []
                 for t, (sd, batches) in enumerate(zip(self.experts, self.calib)):
-                    _load_from(work, sd, "", f"expert {t}")
+                    _load_from(work, sd, "", f"expert {t}", skip=blocks)
                     theirs.append(_capture_block_inputs(work, work_first, self.adapter, batches, self.device,
                                                         self.dtype, store=self.store))
                 self.work = work

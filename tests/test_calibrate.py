@@ -284,6 +284,40 @@ def test_reused_outputs_change_nothing(setting, method, monkeypatch):
     assert not any("forward" in m.__dict__ for m in merged.modules())
 
 
+def test_lazy_experts_are_read_block_by_block(setting):
+    """Lazy experts: the first block's inputs need only each expert's stem, so a block tensor is read when the
+    engine gets to its block (and a rounded weight once more, for the target fold), never a third time (T5's
+    decoder inputs need whole experts: not counted)."""
+    from collections import Counter
+    from collections.abc import Mapping
+
+    name, merged, experts, calib, _ = setting
+
+    class Counting(Mapping):
+        def __init__(self, sd):
+            self.sd, self.reads = sd, Counter()
+
+        def __getitem__(self, k):
+            self.reads[k] += 1
+            return self.sd[k]
+
+        def __iter__(self):
+            return iter(self.sd)
+
+        def __len__(self):
+            return len(self.sd)
+
+    lazy = [Counting(e.state_dict()) for e in experts]
+    quantize_model(copy.deepcopy(merged), calib, QuantConfig(method="epmq", bits=3), experts=lazy, progress=False)
+    adapter = get_adapter(merged)
+    blocks = tuple(p for stack in adapter.find_stacks(merged) for p, _ in stack)
+    for e in lazy:
+        assert all(e.reads[k] >= 1 for k in e.sd if k.startswith(blocks)), "a block tensor was never read"
+        if name != "t5":
+            assert max(e.reads.values()) <= 2, e.reads.most_common(3)
+            assert all(n == 1 for k, n in e.reads.items() if not k.startswith(blocks)), e.reads
+
+
 class _Toy(torch.nn.Module):
     """a -> (in-place x2) -> d -> b twice (shared) -> c."""
 
