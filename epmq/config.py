@@ -222,14 +222,23 @@ def expand(config: dict) -> Grid:
             if sid not in grid.suites:
                 raise EPMQError(f"{where}: suite {sid!r} is not a key of suites: ({sorted(grid.suites)})")
 
-    def add(methods, bits_list, groups, merges, variant=(), suites=None):
+    def check_seeds(where, subset):
+        if subset is None:
+            return seeds
+        for s in subset:
+            if int(s) not in seeds:
+                raise EPMQError(f"{where}.seeds: {s} is not one of calibration.seeds {seeds}")
+        return [int(s) for s in subset]
+
+    def add(methods, bits_list, groups, merges, variant=(), suites=None, run_seeds=None):
+        run_seeds = run_seeds or seeds
         for sid in suites or grid.suites:
             for mid in merges:
                 for meth in methods:
                     qid = meth + "".join(f".{p}={fmt_value(v)}" for p, v in variant)
                     for bits in bits_list:
                         for g in groups:
-                            for seed in (seeds if QUANTS[meth].needs_calibration else seeds[:1]):
+                            for seed in (run_seeds if QUANTS[meth].needs_calibration else run_seeds[:1]):
                                 run = QuantRun(sid, mid, qid, meth, int(bits), int(g), seed, tuple(variant))
                                 if run not in seen:
                                     seen.add(run)
@@ -244,7 +253,7 @@ def expand(config: dict) -> Grid:
         check_merges("quantize.ablations.merges", ab.get("merges") or list(grid.merges))
         check_suites("quantize.ablations.suites", ab.get("suites"))
         add(ab["methods"], ab.get("bits") or q["bits"], q["group_size"], ab.get("merges") or list(grid.merges),
-            suites=ab.get("suites"))
+            suites=ab.get("suites"), run_seeds=check_seeds("quantize.ablations", ab.get("seeds")))
     for i, sw in enumerate(q.get("sweeps") or []):
         where = f"quantize.sweeps[{i}]"
         check_methods(where, [sw["method"]])
@@ -252,9 +261,10 @@ def expand(config: dict) -> Grid:
             raise EPMQError(f"{where}.param={sw['param']!r}: expected one of {list(QUANT_KNOBS)}")
         check_merges(where, sw.get("merges") or list(grid.merges))
         check_suites(where, sw.get("suites"))
+        sw_seeds = check_seeds(where, sw.get("seeds"))
         for v in sw["values"]:
             add([sw["method"]], sw.get("bits") or q["bits"], q["group_size"], sw.get("merges") or list(grid.merges),
-                ((sw["param"], v),), suites=sw.get("suites"))
+                ((sw["param"], v),), suites=sw.get("suites"), run_seeds=sw_seeds)
     for b in {r.bits for r in grid.runs}:
         if not 2 <= b <= 8:
             raise EPMQError(f"bits={b}: expected 2..8")

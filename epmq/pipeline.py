@@ -349,7 +349,8 @@ def parse_model_id(model: str) -> dict:
 
 
 def evaluate(spec: dict, suite_id: str, model: str, weights, out, *, split: str = "test") -> dict:
-    """Test accuracy of every task for one encoder; writes the run record the leaderboard reads."""
+    """Test accuracy of every task for one encoder (an expert: of its own task, the leaderboard's reference row);
+    writes the run record the leaderboard reads."""
     kind = parse_model_id(model)
     suite = open_suite(spec)
     side = _read_json(Path(weights).with_suffix(".json")) if kind["model"] in ("merged", "quantized") else {}
@@ -363,8 +364,12 @@ def _evaluate_encoder(spec: dict, suite, suite_id: str, model: str, encoder, sid
 
     kind = parse_model_id(model)
     t0 = time.perf_counter()
-    recs = suite.evaluate_all(encoder, split=split)
-    recs = recs.get("tasks", recs)
+    if kind["model"] == "expert":
+        task = kind["expert_task"]
+        recs = {task: suite.evaluate(encoder, task, split=split)}
+    else:
+        recs = suite.evaluate_all(encoder, split=split)
+        recs = recs.get("tasks", recs)
     variant = {}
     if kind["model"] == "quantized":
         _, _, rest = kind["quantizer"].partition(".")

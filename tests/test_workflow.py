@@ -170,6 +170,20 @@ def test_ablations_and_sweeps_can_be_limited_to_suites():
         epmq.config.expand(cfg)
 
 
+def test_ablations_and_sweeps_can_run_on_fewer_seeds():
+    cfg = _tiny()  # calibration seeds [0, 1]
+    cfg["quantize"]["sweeps"][0]["seeds"] = [1]
+    cfg["quantize"]["ablations"]["seeds"] = [0]
+    grid = epmq.config.expand(_validated(cfg))
+    seeds = {}
+    for r in grid.runs:
+        seeds.setdefault(r.quantizer, set()).add(r.seed)
+    assert seeds["epmq.lam_w=1"] == {1} and seeds["epmq_unrounded"] == {0} and seeds["epmq"] == {0, 1}
+    cfg["quantize"]["sweeps"][0]["seeds"] = [7]
+    with pytest.raises(EPMQError, match=r"quantize\.sweeps\[0\]\.seeds: 7 is not one of calibration\.seeds"):
+        epmq.config.expand(cfg)
+
+
 def test_claim_gpu_gives_distinct_devices(tmp_path):
     from epmq.device import claim_gpu
 
@@ -211,7 +225,9 @@ def test_dag_leaderboard_matches_run_records(tiny_run):
                for m in grid.eval_targets("tiny-vit")}
     rows = list(csv.DictReader((rep / "leaderboard.csv").open()))
     tasks = grid.tasks("tiny-vit")
-    assert len(rows) == len(records) * len(tasks)
+    # every model on every task, except that an expert is evaluated on its own task only
+    assert len(rows) == sum(1 if r["model"] == "expert" else len(tasks) for r in records.values())
+    assert all(list(r["tasks"]) == [r["expert_task"]] for r in records.values() if r["model"] == "expert")
     for r in rows:
         assert r["suite"] == "tiny-vit" and r["metric"] == "accuracy" and r["task"] in tasks
     quant = [r for r in rows if r["model"] == "quantized"]

@@ -1,4 +1,4 @@
-"""Evaluate one encoder on every task's test split; writes the run record the leaderboard reads."""
+"""Evaluate one encoder on every task's test split (an expert: its own task); writes the run record."""
 
 from epmq.pipeline import evaluate, log_to, with_threads
 
