@@ -535,6 +535,17 @@ OLD_CSV_COLUMNS = [
 ]  # fmt: skip
 
 
+def test_sweep_point_on_fewer_seeds_says_so(tmp_path):
+    """A sweep point run on fewer seeds than its default (``sweeps[].seeds``) is labelled with its seed count and
+    shows no std."""
+    runs = [r for r in synthetic_runs() if not (r.get("variant") == {"lam_w": 1.0} and r.get("seed") != 0)]
+    out = build_leaderboard(load_runs(write_runs(tmp_path / "evals", runs)), tmp_path / "out", meta={})
+    sweep = md_section(out["md"].read_text(encoding="utf-8"), SUITE, "Hyperparameter sweeps")
+    rows = {r[3]: dict(zip(sweep[0], r)) for r in sweep[2:]}
+    assert set(rows) == {"default", "default (lam_w=0.01)", "lam_w=0.1", "lam_w=1 (1 seed)"}
+    assert "±" not in rows["lam_w=1 (1 seed)"]["Avg"] and "±" in rows["lam_w=0.1"]["Avg"]
+
+
 @pytest.fixture(scope="module")
 def quoted(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("quoted")

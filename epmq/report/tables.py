@@ -206,7 +206,7 @@ def sweep_table(sd: SuiteData) -> Table | None:
                     Cell(mlabel),
                     Cell(blabel),
                     Cell(method_name(m)),
-                    Cell(v.replace(",", ", ")),
+                    Cell(v.replace(",", ", ") + _seed_note(agg, len(dflt.seeds) if dflt else 0)),
                     stat_cell(agg.avg),
                     Cell(fmt_delta(delta(agg, dflt)), num=True),
                     Cell(fmt_delta(delta(agg, gptq)), num=True),
