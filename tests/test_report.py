@@ -544,6 +544,15 @@ def test_sweep_point_on_fewer_seeds_says_so(tmp_path):
     rows = {r[3]: dict(zip(sweep[0], r)) for r in sweep[2:]}
     assert set(rows) == {"default", "default (lam_w=0.01)", "lam_w=0.1", "lam_w=1 (1 seed)"}
     assert "±" not in rows["lam_w=1 (1 seed)"]["Avg"] and "±" in rows["lam_w=0.1"]["Avg"]
+    # its Δs are paired with the runs on seed 0, not the defaults' means over all seeds
+    from epmq.report.tables import fmt_delta
+
+    point = per_seed_avg(group(runs, "task_arithmetic", "epmq", 2, {"lam_w": 1.0}))
+    dflt = per_seed_avg(group(runs, "task_arithmetic", "epmq", 2))
+    gptq = per_seed_avg(group(runs, "task_arithmetic", "gptq", 2))
+    assert len(point) == 1 and len(dflt) == len(gptq) == len(SEEDS) > 1
+    assert rows["lam_w=1 (1 seed)"]["Δ vs default"] == fmt_delta(point[0] - dflt[0])
+    assert rows["lam_w=1 (1 seed)"]["Δ vs GPTQ"] == fmt_delta(point[0] - gptq[0])
 
 
 @pytest.fixture(scope="module")

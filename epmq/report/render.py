@@ -157,7 +157,8 @@ def _suite_tables(sd: SuiteData, quoted: list | None = None) -> list[tuple]:
 
 _SECTION_NOTES = {
     "Hyperparameter sweeps": "Avg (mean ± std over seeds, se) at each sweep point, next to the method's default "
-    "setting and GPTQ in the same block; Δ in accuracy points.",
+    "setting and GPTQ in the same block; Δ in accuracy points. A point run on fewer seeds (its label says how many) "
+    "is compared seed by seed with the runs on those seeds.",
     "Cost": "Medians over all merge methods, bit widths and seeds (default settings) of the quantize job's wall time "
     "and peak resident memory (Snakemake benchmark files where given), and the ratio to GPTQ's median.",
     QUOTED_HEADING: "Published numbers, copied as given with their source; not produced by this workflow (their "

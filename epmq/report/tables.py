@@ -77,6 +77,17 @@ def delta(a: Agg | None, b: Agg | None) -> float | None:
     return a.avg.mean - b.avg.mean
 
 
+def paired_delta(a: Agg | None, b: Agg | None) -> float | None:
+    """``delta``, but when ``a`` ran on only some of ``b``'s seeds: the mean of the per-seed differences over the
+    seeds both have (a one-seed sweep point is compared with the default's run on that seed, not its mean)."""
+    if a is None or b is None:
+        return None
+    common = sorted(set(a.avg_by_seed) & set(b.avg_by_seed), key=none_first)
+    if not common or set(a.avg_by_seed) == set(b.avg_by_seed):
+        return delta(a, b)
+    return sum(a.avg_by_seed[s] - b.avg_by_seed[s] for s in common) / len(common)
+
+
 def _task_cells(agg: Agg | None, tasks: list) -> list:
     cells = [stat_cell(agg.cell(t) if agg else EMPTY) for t in tasks]
     return cells + [stat_cell(agg.avg if agg else EMPTY, strong=True)]
@@ -208,8 +219,8 @@ def sweep_table(sd: SuiteData) -> Table | None:
                     Cell(method_name(m)),
                     Cell(v.replace(",", ", ") + _seed_note(agg, len(dflt.seeds) if dflt else 0)),
                     stat_cell(agg.avg),
-                    Cell(fmt_delta(delta(agg, dflt)), num=True),
-                    Cell(fmt_delta(delta(agg, gptq)), num=True),
+                    Cell(fmt_delta(paired_delta(agg, dflt)), num=True),
+                    Cell(fmt_delta(paired_delta(agg, gptq)), num=True),
                 ]
             )
     return t
