@@ -390,19 +390,19 @@ class _Reuse:
     written site invalidates every kept output whose module ended at or after the site's position (the site is
     upstream of it or inside it). Only modules holding at least one site are wrapped (the expensive ones);
     one called twice in a block call is never reused; a kept output that was changed in place since (its
-    tensors' version counters moved) is dropped, not read; ``REUSE_CACHE_MB`` bounds the memory. Calls are keyed by the caller
-    (:meth:`calling`): the same key must mean the same block input.
+    tensors' version counters moved) is dropped, not read; ``REUSE_CACHE_MB`` bounds the memory. Calls are
+    keyed by the caller (:meth:`calling`): the same key must mean the same block input.
     """
 
     def __init__(self, block: nn.Module, sites: Sequence[Site]):
-        self.sites = {s.name: s for s in sites}
+        names = {s.name for s in sites}
         self.budget = REUSE_CACHE_MB * 2**20
         self.inside: dict[int, frozenset[str]] = {}  # wrapped module -> names of the sites it holds
         self.paths: dict[int, str] = {}
         self.order: dict[int, int] = {}  # module -> number of its first entry
         self.end: dict[int, int] = {}  # module -> highest number entered before its first return
         self.written: set[str] = set()
-        self.kept: dict[tuple[int, object], object] = {}
+        self.kept: dict[tuple[int, object], tuple] = {}  # (module, key) -> (output, its tensors, versions, bytes)
         self.size = 0
         self.hits = 0
         self.shared: set[int] = set()  # modules called more than once in one block call: never reused
@@ -413,7 +413,7 @@ class _Reuse:
         for path, mod in block.named_modules():
             if not path:
                 continue
-            inside = frozenset(n for n in self.sites if n.startswith(path + "."))
+            inside = frozenset(n for n in names if n.startswith(path + "."))
             if inside and "forward" not in mod.__dict__:
                 self.inside[id(mod)], self.paths[id(mod)] = inside, path
                 mod.forward = self._wrap(mod, mod.forward)
@@ -464,7 +464,7 @@ class _Reuse:
             self._entered.add(mid)
             hit = self.kept.get((mid, key))
             if hit is not None:
-                out, ts, versions = hit
+                out, ts, versions, _ = hit
                 if _versions(ts) == versions:
                     self.hits += 1
                     return out
@@ -486,12 +486,11 @@ class _Reuse:
         n = sum(t.numel() * t.element_size() for t in ts)
         if self.size + n > self.budget:
             return
-        self.kept[(mid, key)] = (out, ts, _versions(ts))
+        self.kept[(mid, key)] = (out, ts, _versions(ts), n)
         self.size += n
 
     def _drop(self, k) -> None:
-        _, ts, _ = self.kept.pop(k)
-        self.size -= sum(t.numel() * t.element_size() for t in ts)
+        self.size -= self.kept.pop(k)[3]
 
     def _drop_module(self, mid: int) -> None:
         for k in [k for k in self.kept if k[0] == mid]:

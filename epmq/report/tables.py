@@ -82,7 +82,7 @@ def paired_delta(a: Agg | None, b: Agg | None) -> float | None:
     seeds both have (a one-seed sweep point is compared with the default's run on that seed, not its mean)."""
     if a is None or b is None:
         return None
-    common = sorted(set(a.avg_by_seed) & set(b.avg_by_seed), key=none_first)
+    common = set(a.avg_by_seed) & set(b.avg_by_seed)
     if not common or set(a.avg_by_seed) == set(b.avg_by_seed):
         return delta(a, b)
     return sum(a.avg_by_seed[s] - b.avg_by_seed[s] for s in common) / len(common)
