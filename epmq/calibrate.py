@@ -37,6 +37,13 @@ passes over the same calibration call (:class:`_Reuse`, ``REUSE_CACHE_MB``; vali
 order, bit-identical weights, tested): BERT's attention runs once for the FFN's two groups and the
 propagation instead of three times (minilm GPTQ quantize 9.0 -> 6.9 s).
 
+E-PMQ's target product ``[W_t b_t] C~_t`` of a layer with ``2 d_out <= d_in`` (an MLP's down projection:
+``c_proj``, BERT's ``output.dense``, T5's ``wo``) is accumulated token by token from the expert's outputs on
+the captured inputs (``TaskStats(direct=...)``, :func:`epmq.quant.target.direct_pays`) instead of collecting
+``C_t`` and folding it with a float64 ``d_out x d_in^2`` product per task: ``2 n d_out d_in`` flops against
+``n d_in^2 + d_out d_in^2``, the same numbers up to float32 summation order (tested). GPTQ's fold keeps only
+the pooled Gram (``FoldedStats(pooled_only=True)``).
+
 Precision: ``forward_dtype`` runs the block forwards under autocast; ``stats_dtype="bf16"`` rounds the captured
 layer inputs to bf16 before the Gram products ``G``/``C`` (:func:`epmq.precision.add_gram`), which are still
 accumulated and kept in float32 -- on CPUs with bf16 matmul hardware the statistics update is 1.2-2.0x faster
@@ -60,7 +67,7 @@ from epmq.precision import DTYPES, STATS_DTYPES, autocast
 from epmq.quant import METHODS, QuantMethod
 from epmq.quant.result import QuantResult
 from epmq.quant.rounding import gptq, gptq_shared, rtn
-from epmq.quant.target import FoldedStats, TaskStats, solve_target
+from epmq.quant.target import FoldedStats, TaskStats, direct_pays, solve_target
 
 __all__ = ["QuantConfig", "QuantizeReport", "quantize_model", "collect_stats", "save_stats", "load_stats"]
 
@@ -631,16 +638,24 @@ class _Engine:
         return out
 
     def group_stats(self, idx, sites, streams, t, with_expert, expert_inputs=None,
-                    reuse: _Reuse | None = None) -> dict[str, TaskStats]:
+                    reuse: _Reuse | None = None, direct: Mapping[str, torch.Tensor] | None = None,
+                    alpha: float = 1.0) -> dict[str, TaskStats]:
         """Statistics of one task for one group of sites (shared inputs computed once). With ``expert_inputs``
         (from :meth:`expert_pass`) the expert's inputs are read from there instead of re-running its block;
-        with ``reuse``, the model's block reads the outputs its finished parts gave in earlier passes."""
+        with ``reuse``, the model's block reads the outputs its finished parts gave in earlier passes.
+        ``direct`` (site name -> task ``t``'s augmented expert weight): those sites' target products are
+        accumulated token by token (``TaskStats(direct=...)``, blended with ``alpha``); an input whose sites
+        are all direct collects no ``C``."""
         block = self.blocks[idx][1]
-        keys = {}
+        direct = direct or {}
+        keys, shared = {}, {}
         for s in sites:
             keys.setdefault(s.input_key, s)
+            shared.setdefault(s.input_key, []).append(s)
         stats = {
-            k: TaskStats(s.weight.shape[1], with_expert=with_expert, device=self.device, stats_dtype=self.stats_dtype)
+            k: TaskStats(s.weight.shape[1], device=self.device, stats_dtype=self.stats_dtype, alpha=alpha,
+                         with_expert=with_expert and any(x.name not in direct for x in shared[k]),
+                         direct={x.name: direct[x.name] for x in shared[k] if x.name in direct})
             for k, s in keys.items()
         }
         esites = None
@@ -726,13 +741,30 @@ def _expert_weight(engine: _Engine, t: int, prefix: str, site: Site):
 
 def _new_fold(engine, cfg, site) -> FoldedStats:
     W = site.weight
-    return FoldedStats(W.shape[0], W.shape[1], alpha=cfg.alpha, task_weighting=cfg.task_weighting, device=engine.device)
+    return FoldedStats(W.shape[0], W.shape[1], alpha=cfg.alpha, task_weighting=cfg.task_weighting, device=engine.device,
+                       pooled_only=not cfg.spec.needs_experts)
 
 
 def _fold_task(engine, idx, site, folded: FoldedStats, t: int, stats: TaskStats, use_experts: bool) -> None:
     prefix = engine.blocks[idx][0]
-    Wt, bt = _expert_weight(engine, t, prefix, site) if use_experts else (None, None)
-    folded.add_task(stats, Wt, bt, name=f"{prefix}{site.name} task {t}")
+    direct = site.name in stats.N  # the target product is already there (see _direct_weights)
+    Wt, bt = _expert_weight(engine, t, prefix, site) if use_experts and not direct else (None, None)
+    folded.add_task(stats, Wt, bt, name=f"{prefix}{site.name} task {t}", key=site.name)
+
+
+def _direct_weights(engine, idx, group, t: int) -> dict[str, torch.Tensor]:
+    """Task ``t``'s augmented expert weights ``[W_t b_t]`` (float32) of the sites of ``group`` whose E-PMQ
+    target product is cheaper token by token (:func:`epmq.quant.target.direct_pays`)."""
+    prefix = engine.blocks[idx][0]
+    out = {}
+    for site in group:
+        d_out, d_in = site.weight.shape
+        if direct_pays(d_out, d_in):
+            W, b = _expert_weight(engine, t, prefix, site)
+            check_finite(W, f"{prefix}{site.name} task {t} (expert weight)")
+            b = torch.zeros(d_out, device=W.device) if b is None else b
+            out[site.name] = torch.cat([W.float(), b.float().reshape(-1, 1)], dim=1)
+    return out
 
 
 def _fold(engine, cfg, idx, site, per_task: list[dict[str, TaskStats]], use_experts: bool) -> FoldedStats:
@@ -938,8 +970,11 @@ def _quantize_block(engine, cfg, report, idx, groups, streams, sequential, needs
             # holds one task's (d_in + 1)^2 Grams, not T of them (T = 20 at ViT-L/14: 2.7 GB at d_in 4096)
             folds = {site.name: _new_fold(engine, cfg, site) for site in group}
             for t in range(len(engine.calib)):
+                direct = _direct_weights(engine, idx, group, t) if use_experts else None
                 task_stats = engine.group_stats(idx, group, streams, t, with_expert=use_experts,
-                                                expert_inputs=expert_inputs, reuse=reuse)
+                                                expert_inputs=expert_inputs, reuse=reuse, direct=direct,
+                                                alpha=cfg.alpha)
+                del direct
                 for site in group:
                     _fold_task(engine, idx, site, folds[site.name], t, task_stats[site.input_key], use_experts)
                 del task_stats

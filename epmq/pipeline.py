@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from epmq.errors import EPMQError
+from epmq.errors import EPMQError, all_finite
 from epmq.io import save_safetensors_atomic, write_json_atomic
 
 # ---------------------------------------------------------------------------------------------- paths
@@ -297,7 +297,7 @@ def quantize(spec: dict, merged, calib, qcfg: dict, out, *, seed: int | None = N
     # without tied copies (T5's embed_tokens = shared): safetensors stores no shared tensors
     sd = {k: v.detach().to("cpu").contiguous() for k, v in unique_state_dict(model).items()}
     for k, v in sd.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
+        if v.is_floating_point() and not all_finite(v):
             raise EPMQError(f"quantized weight {k} has NaN/Inf ({cfg.method}, {cfg.bits} bits)")
     merged_rec = _read_json(Path(merged).with_suffix(".json"))
     record = {

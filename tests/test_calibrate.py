@@ -284,6 +284,29 @@ def test_reused_outputs_change_nothing(setting, method, monkeypatch):
     assert not any("forward" in m.__dict__ for m in merged.modules())
 
 
+def test_direct_target_products_change_little(setting, monkeypatch):
+    """The layers whose E-PMQ target product is formed token by token (``direct_pays``: an MLP's down
+    projection on every architecture) give what the C-and-fold route gives, up to float32 summation order:
+    layer errors to 1e-4, codes in >= 99% of the weights."""
+    import epmq.calibrate as C
+
+    name, merged, experts, calib, _ = setting
+    used = []
+    pays = C.direct_pays
+    monkeypatch.setattr(C, "direct_pays", lambda o, i: used.append((o, i)) or pays(o, i))
+    direct = quantize_model(copy.deepcopy(merged), calib, QuantConfig(method="epmq", bits=3), experts=experts,
+                            progress=False)
+    assert any(pays(o, i) for o, i in used), used
+    monkeypatch.setattr(C, "direct_pays", lambda o, i: False)
+    folded = quantize_model(copy.deepcopy(merged), calib, QuantConfig(method="epmq", bits=3), experts=experts,
+                            progress=False)
+    for k in direct.results:
+        same = (direct.results[k].codes == folded.results[k].codes).float().mean()
+        assert same >= 0.99, (k, float(same))
+    for a, b in zip(direct.layers, folded.layers):
+        assert a["epmq_objective"] == pytest.approx(b["epmq_objective"], rel=1e-4), a["layer"]
+
+
 def test_lazy_experts_are_read_block_by_block(setting):
     """Lazy experts: the first block's inputs need only each expert's stem, so a block tensor is read when the
     engine gets to its block (and a rounded weight once more, for the target fold), never a third time (T5's

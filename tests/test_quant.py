@@ -221,6 +221,70 @@ def test_stats_and_matrices_agree():
     assert torch.allclose(a[0], b[0], atol=1e-4) and torch.allclose(a[1], b[1], rtol=1e-5)
 
 
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_direct_target_product_equals_fold_of_C(alpha):
+    """``TaskStats(direct=...)``: the target product accumulated token by token, ``Y^T Xa`` with the expert's
+    outputs on the blended inputs, is ``[W_t b_t] C~_t``; folding it gives the same W* and H as folding C."""
+    from epmq.quant.target import direct_pays
+
+    W_m, experts, X, Xe = multitask_layer(T=2, d_out=8, d_in=32)
+    g = torch.Generator().manual_seed(5)
+    b_e = [torch.randn(8, generator=g) for _ in experts]
+    fold_c = FoldedStats(8, 32, alpha=alpha, task_weighting="trace")
+    fold_d = FoldedStats(8, 32, alpha=alpha, task_weighting="trace")
+    for x, xe, w, b in zip(X, Xe, experts, b_e):
+        s_c, s_d = TaskStats(32), TaskStats(32, with_expert=False, direct={"fc2": torch.cat([w, b[:, None]], 1)},
+                                            alpha=alpha)
+        for chunk, chunk_e in zip(x.split(100), xe.split(100)):
+            s_c.add(chunk, chunk_e)
+            s_d.add(chunk, chunk_e)
+        assert s_d.C is None and torch.equal(s_c.G, s_d.G)
+        xa, xea = (torch.cat([v, torch.ones(len(v), 1)], 1).double() for v in (x, xe))
+        exact = torch.cat([w, b[:, None]], 1).double() @ (alpha * xea + (1 - alpha) * xa).T @ xa
+        assert float((s_d.N["fc2"].double() - exact).norm() / exact.norm()) < 1e-6
+        fold_c.add_task(s_c, w, b)
+        fold_d.add_task(s_d, None, None, key="fc2")
+    assert float((fold_d.N_task - fold_c.N_task).norm() / fold_c.N_task.norm()) < 1e-6
+    a, b = solve_target(fold_c, W_m), solve_target(fold_d, W_m)
+    assert torch.equal(a.H, b.H)
+    assert float((a.W_star - b.W_star).norm() / (a.W_star - W_m).norm()) < 1e-4
+    assert direct_pays(8, 32) and direct_pays(384, 1536) and not direct_pays(768, 768) and not direct_pays(3072, 768)
+
+
+def test_direct_target_product_bad_inputs():
+    W_m, experts, X, Xe = multitask_layer(T=1, d_out=8, d_in=32)
+    with pytest.raises(EPMQError, match="fc2.*d_in \\+ 1 = 33"):
+        TaskStats(32, direct={"fc2": experts[0]})  # not augmented
+    s = TaskStats(32, with_expert=False, direct={"fc2": torch.cat([experts[0], torch.zeros(8, 1)], 1)}, alpha=0.5)
+    with pytest.raises(EPMQError, match="expert inputs are required"):
+        s.add(X[0])
+    s.add(X[0], Xe[0])
+    with pytest.raises(EPMQError, match="alpha=0.5.*expects 1.0"):
+        FoldedStats(8, 32, alpha=1.0, task_weighting="none").add_task(s, None, key="fc2")
+    bad = Xe[0].clone()
+    bad[3, 1] = float("inf")
+    with pytest.raises(EPMQError, match="lin \\(expert\\).*Inf"):
+        s.add(X[0], bad, name="lin")
+
+
+def test_pooled_only_fold_is_gptqs_and_refuses_targets():
+    """GPTQ's fold keeps the pooled Gram alone, bit for bit the one a full fold builds; asking it for an
+    E-PMQ target is an error, not a silent zero target."""
+    W_m, experts, X, Xe = multitask_layer(T=2, d_out=8, d_in=32)
+    full = FoldedStats(8, 32, alpha=1.0, task_weighting="trace")
+    pooled = FoldedStats(8, 32, alpha=1.0, task_weighting="trace", pooled_only=True)
+    for x, xe, w in zip(X, Xe, experts):
+        s = TaskStats(32)
+        s.add(x, xe)
+        full.add_task(s, w)
+        pooled.add_task(s, None)
+    assert torch.equal(full.G_pool, pooled.G_pool) and pooled.H_task is None and pooled.N_task is None
+    with pytest.raises(EPMQError, match="pooled Hessian only"):
+        pooled.add_task(s, experts[0], name="fc1")
+    with pytest.raises(EPMQError, match="fc1: the statistics were folded for the pooled Hessian only"):
+        solve_target(pooled, W_m, name="fc1")
+
+
 def test_epmq_bad_inputs():
     W_m, experts, X, Xe = multitask_layer()
     with pytest.raises(EPMQError, match="expert 1 weight shape"):
@@ -233,3 +297,23 @@ def test_epmq_bad_inputs():
         epmq_target(W_m, experts, X, Xe, task_weighting="bogus")
     with pytest.raises(EPMQError, match="alpha"):
         epmq_target(W_m, experts, X, Xe, alpha=1.5)
+
+
+def test_all_finite_fast_path_agrees_with_the_elementwise_test():
+    """The sum shortcut of ``all_finite`` never passes a NaN/Inf, and finite values whose sum overflows are
+    still finite; ``check_finite`` names the tensor and counts the bad values."""
+    from epmq.errors import all_finite, check_finite
+
+    x = torch.randn(64, 32)
+    assert all_finite(x) and all_finite(torch.empty(0)) and all_finite(torch.arange(5))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[7, 3] = bad
+        assert not all_finite(y) and not all_finite(y.double())
+    pair = x.clone()
+    pair[0, 0], pair[0, 1] = float("inf"), -float("inf")  # the sum is NaN, not Inf
+    assert not all_finite(pair)
+    big = torch.full((4,), 3e38)  # float32 sum overflows to Inf, every value is finite
+    assert not bool(torch.isfinite(big.sum())) and all_finite(big) and check_finite(big, "big") is big
+    with pytest.raises(EPMQError, match=r"W: 2 non-finite value\(s\)"):
+        check_finite(pair, "W")

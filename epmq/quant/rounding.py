@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from epmq.errors import EPMQError, check_finite
+from epmq.errors import EPMQError, all_finite, check_finite
 from epmq.quant.grid import GridSpec, dequantize, find_params, quantize_codes
 from epmq.quant.result import QuantResult
 
@@ -82,7 +82,7 @@ def inverse_cholesky_upper(
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0 and torch.isfinite(U).all():
+            if int(info) == 0 and all_finite(U):
                 return U, d
         if d >= max_damp:
             raise EPMQError(
@@ -214,7 +214,7 @@ def gptq(
     if perm is not None:
         invperm = torch.argsort(perm)
         Q, codes, g_idx = Q[:, invperm], codes[:, invperm], col_group[invperm]
-    if not torch.isfinite(Q).all():
+    if not all_finite(Q):
         raise EPMQError(f"{name}: GPTQ produced non-finite weights (damping {damp_used:g})")
     result = QuantResult(
         weight=Q,

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-from epmq.errors import EPMQError, check_finite
+from epmq.errors import EPMQError, all_finite, check_finite
 from epmq.precision import STATS_DTYPES, add_gram
 
 TASK_WEIGHTINGS = ("none", "trace", "tokens")
@@ -47,15 +47,31 @@ class TaskStats:
     (:data:`epmq.precision.STATS_DTYPES`): the precision the inputs are rounded to before the products; the
     sums are float32 either way (``"bf16"``: the statistics of the bf16-rounded inputs, i.e. what a bf16
     Linear sees; faster on CPUs with bf16 matmul hardware).
+
+    ``direct`` (layer name -> the expert's augmented weight ``[W_t b_t]``, d_out x (d_in + 1)) accumulates
+    each named layer's target product ``N_t = [W_t b_t] C~_t`` token by token instead, as ``Y^T Xa`` with the
+    expert's outputs ``Y = X~a [W_t b_t]^T`` on the ``alpha``-blended inputs ``X~a = alpha Xa^e + (1 - alpha)
+    Xa``. That costs ``2 n d_out d_in`` against ``n d_in^2`` for ``C`` plus ``d_out d_in^2`` for the fold, so
+    it is cheaper whenever ``2 d_out <= d_in`` (an MLP's down projection: ``d_in = 4 d_out`` in a ViT);
+    see :func:`direct_pays`. ``C`` is then not collected unless ``with_expert`` asks for it too.
     """
 
-    def __init__(self, d_in: int, *, with_expert: bool = True, device=None, stats_dtype: str = "fp32"):
+    def __init__(self, d_in: int, *, with_expert: bool = True, device=None, stats_dtype: str = "fp32",
+                 direct: dict[str, torch.Tensor] | None = None, alpha: float = 1.0):
         if stats_dtype not in STATS_DTYPES:
             raise EPMQError(f"stats_dtype={stats_dtype!r}: expected one of {sorted(STATS_DTYPES)}")
         self.round_to = STATS_DTYPES[stats_dtype]
         self.d_in = d_in
         self.G = torch.zeros(d_in + 1, d_in + 1, device=device)
         self.C = torch.zeros(d_in + 1, d_in + 1, device=device) if with_expert else None
+        self.direct = {}  # name -> expert's augmented weight (float32, on the statistics' device)
+        self.N: dict[str, torch.Tensor] = {}
+        for key, V in (direct or {}).items():
+            if tuple(V.shape[1:]) != (d_in + 1,):
+                raise EPMQError(f"{key}: augmented expert weight {tuple(V.shape)} does not take d_in + 1 = {d_in + 1}")
+            self.direct[key] = V.to(device=self.G.device, dtype=torch.float32)
+            self.N[key] = torch.zeros(V.shape[0], d_in + 1, device=self.G.device)
+        self.alpha = alpha
         self.n = 0
 
     @staticmethod
@@ -79,7 +95,7 @@ class TaskStats:
         if not bool(torch.isfinite(torch.diagonal(self.G)).all()):
             check_finite(x, name)  # names the culprit
             check_finite(torch.diagonal(self.G), name)  # overflow of finite inputs
-        if self.C is not None:
+        if self.C is not None or self.direct:
             if x_expert is None:
                 raise EPMQError(f"{name}: expert inputs are required for E-PMQ statistics")
             if x_expert.shape != x.shape:
@@ -87,10 +103,19 @@ class TaskStats:
                     f"{name}: expert inputs {tuple(x_expert.shape)} are not aligned with inputs {tuple(x.shape)}"
                 )
             xe = self._augment(x_expert, self.round_to)
+        if self.C is not None:
             add_gram(self.C, xe, xa, self.round_to)
             if not bool(torch.isfinite(torch.diagonal(self.C)).all()):
                 check_finite(x_expert, f"{name} (expert)")  # names the culprit
                 check_finite(torch.diagonal(self.C), f"{name} (expert)")
+        if self.direct:
+            xb = xe if self.alpha == 1.0 else self.alpha * xe + (1 - self.alpha) * xa
+            for key, V in self.direct.items():
+                N = self.N[key]
+                N.addmm_((xb @ V.T).T, xa)
+                if not bool(torch.isfinite(N[:, -1]).all()):  # the bias column sums every output
+                    check_finite(x_expert, f"{name} (expert)")
+                    check_finite(N, f"{name} ({key} expert outputs)")
         self.n += xa.shape[0]
 
     @classmethod
@@ -101,6 +126,12 @@ class TaskStats:
 
     def trace(self) -> float:
         return float(torch.diagonal(self.G)[: self.d_in].sum())
+
+
+def direct_pays(d_out: int, d_in: int) -> bool:
+    """Whether :class:`TaskStats`' token-by-token target product (``2 n d_out d_in`` flops per task) beats
+    ``C`` plus the fold (``n d_in^2 + d_out d_in^2``) for every token count ``n``: ``2 d_out <= d_in``."""
+    return 2 * d_out <= d_in
 
 
 def task_weight(stats: TaskStats, task_weighting: str, name: str = "task") -> float:
@@ -125,26 +156,44 @@ class FoldedStats:
     ``C~_t = alpha C_t + (1 - alpha) G_t`` (all augmented, float64).
     """
 
-    def __init__(self, d_out: int, d_in: int, *, alpha: float, task_weighting: str, device=None):
+    def __init__(self, d_out: int, d_in: int, *, alpha: float, task_weighting: str, device=None,
+                 pooled_only: bool = False):
         if not 0.0 <= alpha <= 1.0:
             raise EPMQError(f"alpha={alpha}: must lie in [0, 1]")
         if task_weighting not in TASK_WEIGHTINGS:
             raise EPMQError(f"task_weighting={task_weighting!r}: expected one of {TASK_WEIGHTINGS}")
         self.alpha, self.task_weighting = alpha, task_weighting
         self.d_out, self.d_in = d_out, d_in
+        self.pooled_only = pooled_only  # GPTQ's statistics: G_pool alone (H_task, N_task are None)
         kw = dict(dtype=torch.float64, device=device)
-        self.H_task = torch.zeros(d_in + 1, d_in + 1, **kw)
         self.G_pool = torch.zeros(d_in + 1, d_in + 1, **kw)
-        self.N_task = torch.zeros(d_out, d_in + 1, **kw)
+        self.H_task = None if pooled_only else torch.zeros(d_in + 1, d_in + 1, **kw)
+        self.N_task = None if pooled_only else torch.zeros(d_out, d_in + 1, **kw)
         self.n_tasks = 0
 
-    def add_task(self, stats: TaskStats, W_t: torch.Tensor | None, b_t: torch.Tensor | None = None, name="task"):
-        """Fold one task. ``W_t``/``b_t`` (expert weight/bias) may be None for GPTQ-only statistics."""
+    def add_task(self, stats: TaskStats, W_t: torch.Tensor | None, b_t: torch.Tensor | None = None, name="task",
+                 *, key: str | None = None):
+        """Fold one task. ``W_t``/``b_t`` (expert weight/bias) may be None for GPTQ-only statistics. When
+        ``stats`` holds layer ``key``'s target product (``TaskStats(direct=...)``), that is folded and
+        ``W_t``/``b_t`` are not needed (the product was formed from them)."""
+        if self.pooled_only:
+            if W_t is not None:
+                raise EPMQError(f"{name}: these statistics are folded for the pooled Hessian only (no target)")
+            self.G_pool += stats.G  # float32 into float64: exact, as adding stats.G.double()
+            self.n_tasks += 1
+            return
         G = stats.G.double()
         self.G_pool += G
         w = task_weight(stats, self.task_weighting, name)
         self.H_task += w * G
-        if W_t is not None:
+        if key is not None and key in stats.N:
+            N = stats.N[key]
+            if tuple(N.shape) != (self.d_out, self.d_in + 1):
+                raise EPMQError(f"{name}: target product {tuple(N.shape)} != ({self.d_out}, {self.d_in + 1})")
+            if stats.alpha != self.alpha:
+                raise EPMQError(f"{name}: statistics blended with alpha={stats.alpha}, the fold expects {self.alpha}")
+            self.N_task += w * N.double()
+        elif W_t is not None:
             if stats.C is None:
                 raise EPMQError(f"{name}: E-PMQ needs expert-input statistics (C), got GPTQ-only statistics")
             if tuple(W_t.shape) != (self.d_out, self.d_in):
@@ -152,7 +201,9 @@ class FoldedStats:
                     f"{name}: expert weight shape {tuple(W_t.shape)} does not match merged ({self.d_out}, {self.d_in})"
                 )
             check_finite(W_t, f"{name} (expert weight)")
-            Ct = self.alpha * stats.C.double() + (1 - self.alpha) * G
+            Ct = stats.C.double()
+            if self.alpha != 1.0:  # (alpha = 1, the default: C as it is, the same bits)
+                Ct = self.alpha * Ct + (1 - self.alpha) * G
             self.N_task += w * (_augment_weight(W_t, b_t) @ Ct)
         self.n_tasks += 1
 
@@ -196,6 +247,8 @@ def solve_target(
         raise EPMQError(f"{name}: anchor strengths must be >= 0 (lam_out={lam_out}, lam_w={lam_w})")
     if folded.n_tasks == 0:
         raise EPMQError(f"{name}: no task statistics were accumulated")
+    if folded.pooled_only:
+        raise EPMQError(f"{name}: the statistics were folded for the pooled Hessian only; E-PMQ needs the tasks'")
     d = folded.d_in
     check_finite(W_m, f"{name} (merged weight)")
     Vm = _augment_weight(W_m, b_m)
@@ -234,7 +287,7 @@ def _solve_right(N: torch.Tensor, H: torch.Tensor, name: str) -> torch.Tensor:
         X = torch.linalg.lstsq(H, N.T).solution.T
     else:
         X = torch.cholesky_solve(N.T, L).T
-    if not torch.isfinite(X).all():
+    if not all_finite(X):
         raise EPMQError(f"{name}: the E-PMQ target solve produced non-finite values (ill-conditioned Hessian)")
     return X
 
