@@ -59,7 +59,8 @@ CSV_COLUMNS = [
     "variant", "seconds", "speedup_vs_reference", "ratio_vs_gptq", "peak_rss_mb", "peak_gpu_mb", "n_layers",
     "mean_rel_err", "rel_err_diff_vs_reference", "device", "device_name", "torch_version", "python_version",
     "threads", "arch", "blocks", "width", "tasks", "n_per_task", "batch_size", "image_size", "bits", "group_size",
-    "damp", "block_size", "pert", "lam", "seed", "small", "isolated", "experts_streamed", "kernel", "engine_note",
+    "damp", "block_size", "pert", "lam", "seed", "small", "isolated", "experts_streamed", "expert_cache_mb",
+    "reuse_cache_mb", "kernel", "engine_note",
 ]
 
 LAYER_COLUMNS = [
@@ -252,6 +253,21 @@ def peak_rss_mb() -> float:
 
 def run_variant(variant: str, args) -> dict:
     """Build the setup, then time ``variant`` (calibration forward passes + quantization)."""
+    import epmq.calibrate as engine
+
+    budgets = {"EXPERT_CACHE_MB": args.expert_cache_mb, "REUSE_CACHE_MB": args.reuse_cache_mb}
+    before = {k: getattr(engine, k) for k in budgets}
+    try:
+        for k, v in budgets.items():
+            if v is not None:
+                setattr(engine, k, v)
+        return _run_variant(variant, args)
+    finally:
+        for k, v in before.items():
+            setattr(engine, k, v)
+
+
+def _run_variant(variant: str, args) -> dict:
     from epmq.calibrate import QuantConfig, quantize_model
 
     device = resolve_device(args.device)
@@ -288,6 +304,12 @@ def _argv_for(args) -> list[str]:
             continue
         out += [f"--{k.replace('_', '-')}", str(v)]
     return out
+
+
+def _engine_budget(name: str, given: int | None) -> int:
+    import epmq.calibrate as engine
+
+    return getattr(engine, name) if given is None else given
 
 
 def run_isolated(variant: str, args) -> dict:
@@ -343,6 +365,8 @@ def bench(args) -> list[dict]:
         "seed": args.seed,
         "small": bool(args.small),
         "isolated": not args.no_isolate,
+        "expert_cache_mb": _engine_budget("EXPERT_CACHE_MB", args.expert_cache_mb),
+        "reuse_cache_mb": _engine_budget("REUSE_CACHE_MB", args.reuse_cache_mb),
         "experts_streamed": bool(args.experts_dir),
         "kernel": kernel_name(device),
         "engine_note": ENGINE_NOTE,
@@ -496,6 +520,12 @@ def parse_args(argv=None):
     p.add_argument("--experts-dir", default=None,
                    help="write the experts there as safetensors (reused when current) and stream them: the "
                         "engine reads one block at a time, the merge one tensor at a time (peak-RSS runs)")
+    p.add_argument("--expert-cache-mb", type=int, default=None,
+                   help="budget of one block's captured expert inputs (epmq.calibrate.EXPERT_CACHE_MB; default: "
+                        "the engine's). Over it, each group re-runs the expert blocks: less memory, more time")
+    p.add_argument("--reuse-cache-mb", type=int, default=None,
+                   help="budget of the sub-module outputs a block keeps for its later passes "
+                        "(epmq.calibrate.REUSE_CACHE_MB; default: the engine's; 0: recompute everything)")
     p.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--json-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
