@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._table import text_table, write_csv as _write_csv  # noqa: E402
 from epmq.quant.target import TaskStats  # noqa: E402
 
 COLUMNS = ["d_in", "tokens", "fp32_ms", "bf16_ms", "speedup", "bf16_vs_rounded", "bf16_vs_fp32", "device",
@@ -83,25 +84,14 @@ def bench(widths, tokens: int, batches: int, repeats: int, device: torch.device,
 def format_table(rows: list[dict]) -> str:
     cols = [("d_in", "{}"), ("tokens", "{}"), ("fp32_ms", "{:.1f}"), ("bf16_ms", "{:.1f}"), ("speedup", "{:.2f}x"),
             ("bf16_vs_rounded", "{:.1e}"), ("bf16_vs_fp32", "{:.1e}")]
-    cells = [[c for c, _ in cols]] + [[f.format(r[c]) for c, f in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    lines = [" | ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
     m = rows[0]
     head = (f"G and C accumulated over `tokens` tokens, ms per batch (best of repeats) | "
             f"{m['device']}: {m['device_name']} | torch {m['torch_version']} threads={m['threads']}")
-    return "\n".join([head, *lines])
+    return "\n".join([head, *text_table(rows, cols)])
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    import csv
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    _write_csv(rows, path, COLUMNS)
 
 
 def parse_args(argv=None):

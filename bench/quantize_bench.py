@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import os
 import platform
@@ -46,6 +45,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+from bench._table import text_table, write_csv as _write_csv  # noqa: E402
 
 VARIANTS = ("reference", "gptq", "epmq")
 
@@ -460,20 +461,11 @@ def format_layers(rows: list[dict]) -> str:
     cols = [("layer", "{}"), ("d_out", "{}"), ("d_in", "{}"), ("per_model", "{}"), ("plain_seconds", "{:.3f}"),
             ("fast_seconds", "{:.3f}"), ("speedup", "{:.1f}x"), ("codes_identical", "{:.6f}"),
             ("max_abs_diff", "{:.2g}")]
-    cells = [[c for c, _ in cols]] + [[fmt.format(r[c]) for c, fmt in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    lines = [" | ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join([f"rounding alone, per layer shape (kernel: {rows[0]['kernel']})", *lines])
+    return "\n".join([f"rounding alone, per layer shape (kernel: {rows[0]['kernel']})", *text_table(rows, cols)])
 
 
 def write_csv(rows: list[dict], path: Path, columns: list[str] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns or CSV_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    _write_csv(rows, path, columns or CSV_COLUMNS)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -485,11 +477,7 @@ def format_table(rows: list[dict]) -> str:
     cols = [("variant", "{}"), ("seconds", "{:.2f}"), ("speedup_vs_reference", "{:.2f}x"),
             ("ratio_vs_gptq", "{:.2f}x"), ("peak_rss_mb", "{:.0f}"), ("peak_gpu_mb", "{:.0f}"),
             ("mean_rel_err", "{:.4g}"), ("rel_err_diff_vs_reference", "{:.3g}")]
-    cells = [[c for c, _ in cols]] + [[fmt.format(r[c]) for c, fmt in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    lines = [" | ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join([head, *lines, f"note: {m['engine_note']}"])
+    return "\n".join([head, *text_table(rows, cols), f"note: {m['engine_note']}"])
 
 
 def parse_args(argv=None):
