@@ -254,18 +254,19 @@ def peak_rss_mb() -> float:
 
 def run_variant(variant: str, args) -> dict:
     """Build the setup, then time ``variant`` (calibration forward passes + quantization)."""
-    import epmq.calibrate as engine
-
-    budgets = {"EXPERT_CACHE_MB": args.expert_cache_mb, "REUSE_CACHE_MB": args.reuse_cache_mb}
-    before = {k: getattr(engine, k) for k in budgets}
+    budgets = {"EPMQ_EXPERT_CACHE_MB": args.expert_cache_mb, "EPMQ_REUSE_CACHE_MB": args.reuse_cache_mb}
+    before = {k: os.environ.get(k) for k in budgets}
     try:
         for k, v in budgets.items():
             if v is not None:
-                setattr(engine, k, v)
+                os.environ[k] = str(v)
         return _run_variant(variant, args)
     finally:
         for k, v in before.items():
-            setattr(engine, k, v)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _run_variant(variant: str, args) -> dict:
@@ -308,9 +309,9 @@ def _argv_for(args) -> list[str]:
 
 
 def _engine_budget(name: str, given: int | None) -> int:
-    import epmq.calibrate as engine
+    from epmq.calibrate import cache_budget_mb
 
-    return getattr(engine, name) if given is None else given
+    return cache_budget_mb(name) if given is None else given
 
 
 def run_isolated(variant: str, args) -> dict:
@@ -509,11 +510,11 @@ def parse_args(argv=None):
                    help="write the experts there as safetensors (reused when current) and stream them: the "
                         "engine reads one block at a time, the merge one tensor at a time (peak-RSS runs)")
     p.add_argument("--expert-cache-mb", type=int, default=None,
-                   help="budget of one block's captured expert inputs (epmq.calibrate.EXPERT_CACHE_MB; default: "
-                        "the engine's). Over it, each group re-runs the expert blocks: less memory, more time")
+                   help="budget of one block's captured expert inputs (sets EPMQ_EXPERT_CACHE_MB; default: the "
+                        "engine's). Over it, each group re-runs the expert blocks: less memory, more time")
     p.add_argument("--reuse-cache-mb", type=int, default=None,
                    help="budget of the sub-module outputs a block keeps for its later passes "
-                        "(epmq.calibrate.REUSE_CACHE_MB; default: the engine's; 0: recompute everything)")
+                        "(sets EPMQ_REUSE_CACHE_MB; default: the engine's; 0: recompute everything)")
     p.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--json-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -53,6 +53,7 @@ accumulated and kept in float32 -- on CPUs with bf16 matmul hardware the statist
 from __future__ import annotations
 
 import copy
+import os
 import time
 from contextlib import contextmanager, nullcontext
 from collections.abc import Mapping, Sequence
@@ -131,8 +132,26 @@ class _StopForward(Exception):
 SHARE_HESSIANS = True
 
 #: largest total size (MiB) of one block's captured expert inputs kept in memory; beyond it, each group
-#: re-runs the expert blocks instead (same numbers, more compute)
+#: re-runs the expert blocks instead (same numbers up to BLAS summation order, more compute). The environment
+#: variable ``EPMQ_EXPERT_CACHE_MB`` overrides it (see :func:`cache_budget_mb`)
 EXPERT_CACHE_MB = 4096
+
+
+def cache_budget_mb(name: str) -> int:
+    """The engine's memory-for-speed budget ``name`` (``"EXPERT_CACHE_MB"`` / ``"REUSE_CACHE_MB"``): the
+    environment variable ``EPMQ_<name>`` if set (an integer >= 0), else the module constant. Neither changes
+    what is computed beyond float summation order, so they are not part of a job's parameters."""
+    env = f"EPMQ_{name}"
+    raw = os.environ.get(env)
+    if raw is None or raw.strip() == "":
+        return globals()[name]
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise EPMQError(f"{env}={raw!r}: expected a whole number of MiB >= 0")
+    return value
 
 
 @dataclass
@@ -365,7 +384,8 @@ def _link_mha_parents(block: nn.Module) -> None:
 
 
 #: largest total size (MiB) of the sub-module outputs one block keeps for its later true-sequential passes
-#: (:class:`_Reuse`); beyond it, further outputs are recomputed (same numbers, more compute). 0: no reuse
+#: (:class:`_Reuse`); beyond it, further outputs are recomputed (same numbers, more compute). 0: no reuse.
+#: The environment variable ``EPMQ_REUSE_CACHE_MB`` overrides it
 REUSE_CACHE_MB = 2048
 
 
@@ -403,7 +423,7 @@ class _Reuse:
 
     def __init__(self, block: nn.Module, sites: Sequence[Site]):
         names = {s.name for s in sites}
-        self.budget = REUSE_CACHE_MB * 2**20
+        self.budget = cache_budget_mb("REUSE_CACHE_MB") * 2**20
         self.inside: dict[int, frozenset[str]] = {}  # wrapped module -> names of the sites it holds
         self.paths: dict[int, str] = {}
         self.order: dict[int, int] = {}  # module -> number of its first entry
@@ -630,7 +650,7 @@ class _Engine:
                 caps.append({k: call.real(x, f"expert {t} {k}", which[k]) for k, x in cap.inputs.items()})
                 if len(caps) == 1 and t == 0:
                     per_call = sum(x.numel() * x.element_size() for x in cap.inputs.values())
-                    if per_call * total_calls > EXPERT_CACHE_MB * 2**20:
+                    if per_call * total_calls > cache_budget_mb("EXPERT_CACHE_MB") * 2**20:
                         return None
             out.append(caps)
             nxt.append(moved)
@@ -948,7 +968,8 @@ def quantize_model(
         # the experts' inputs of this block, captured once for all groups (None: recompute per group)
         expert_inputs = engine.expert_pass(idx, streams) if (sequential and use_experts) else None
         groups = list(engine.adapter.find_linears(block))
-        reuse = _Reuse(block, [s for g in groups for s in g]) if sequential and REUSE_CACHE_MB > 0 else None
+        reuse = (_Reuse(block, [s for g in groups for s in g])
+                 if sequential and cache_budget_mb("REUSE_CACHE_MB") > 0 else None)
         try:
             _quantize_block(engine, cfg, report, idx, groups, streams, sequential, needs_data, use_experts,
                             expert_inputs, stats, reuse)

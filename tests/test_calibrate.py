@@ -2,6 +2,7 @@
 with 3 experts."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -305,6 +306,31 @@ def test_direct_target_products_change_little(setting, monkeypatch):
         assert same >= 0.99, (k, float(same))
     for a, b in zip(direct.layers, folded.layers):
         assert a["epmq_objective"] == pytest.approx(b["epmq_objective"], rel=1e-4), a["layer"]
+
+
+def test_cache_budgets_from_the_environment(setting, monkeypatch):
+    """EPMQ_EXPERT_CACHE_MB / EPMQ_REUSE_CACHE_MB override the engine's budgets (0 turns the cache off), and a
+    bad value is a clear error naming the variable."""
+    import epmq.calibrate as C
+
+    for name in ("EXPERT_CACHE_MB", "REUSE_CACHE_MB"):
+        monkeypatch.delenv(f"EPMQ_{name}", raising=False)
+        assert C.cache_budget_mb(name) == getattr(C, name)
+        monkeypatch.setenv(f"EPMQ_{name}", "512")
+        assert C.cache_budget_mb(name) == 512
+        for bad in ("lots", "-5", "1.5"):
+            monkeypatch.setenv(f"EPMQ_{name}", bad)
+            with pytest.raises(EPMQError, match=f"EPMQ_{name}='{re.escape(bad)}': expected a whole number"):
+                C.cache_budget_mb(name)
+    name, merged, experts, calib, _ = setting
+    passes, reuses = [], []
+    expert_pass, close = C._Engine.expert_pass, C._Reuse.close
+    monkeypatch.setattr(C._Engine, "expert_pass", lambda self, *a: passes.append(expert_pass(self, *a)) or passes[-1])
+    monkeypatch.setattr(C._Reuse, "close", lambda self: reuses.append(self) or close(self))
+    monkeypatch.setenv("EPMQ_EXPERT_CACHE_MB", "0")
+    monkeypatch.setenv("EPMQ_REUSE_CACHE_MB", "0")
+    quantize_model(copy.deepcopy(merged), calib, QuantConfig(method="epmq", bits=3), experts=experts, progress=False)
+    assert passes and all(p is None for p in passes) and not reuses
 
 
 def test_lazy_experts_are_read_block_by_block(setting):
