@@ -41,8 +41,9 @@ E-PMQ's target product ``[W_t b_t] C~_t`` of a layer with ``2 d_out <= d_in`` (a
 ``c_proj``, BERT's ``output.dense``, T5's ``wo``) is accumulated token by token from the expert's outputs on
 the captured inputs (``TaskStats(direct=...)``, :func:`epmq.quant.target.direct_pays`) instead of collecting
 ``C_t`` and folding it with a float64 ``d_out x d_in^2`` product per task: ``2 n d_out d_in`` flops against
-``n d_in^2 + d_out d_in^2``, the same numbers up to float32 summation order (tested). GPTQ's fold keeps only
-the pooled Gram (``FoldedStats(pooled_only=True)``).
+``n d_in^2 + d_out d_in^2``, the same numbers up to float32 summation order (tested). The per-block expert
+cache then keeps those layers' expert outputs instead of their inputs (``d_out`` numbers a token instead of
+``d_in``; same bits, tested). GPTQ's fold keeps only the pooled Gram (``FoldedStats(pooled_only=True)``).
 
 Precision: ``forward_dtype`` runs the block forwards under autocast; ``stats_dtype="bf16"`` rounds the captured
 layer inputs to bf16 before the Gram products ``G``/``C`` (:func:`epmq.precision.add_gram`), which are still
@@ -631,25 +632,36 @@ class _Engine:
         return block
 
     @torch.no_grad()
-    def expert_pass(self, idx: int, streams: _Streams) -> list[list[dict[str, torch.Tensor]]] | None:
+    def expert_pass(self, idx: int, streams: _Streams, outputs: bool = False) -> list[list[dict]] | None:
         """Run every expert's block ``idx`` once: capture the inputs of all its sites and advance
         ``streams.expert`` to the next block. Expert inputs do not depend on what is quantized, so one pass
         serves every group of the block. Returns None (and advances nothing) when keeping the captures of
-        the whole block would exceed ``EXPERT_CACHE_MB``; callers then recompute them per group."""
-        out: list[list[dict[str, torch.Tensor]]] = []
+        the whole block would exceed ``EXPERT_CACHE_MB``; callers then recompute them per group.
+
+        With ``outputs``, an input read only by layers whose target product is formed token by token
+        (:func:`epmq.quant.target.direct_pays`) is kept as those layers' expert outputs instead, under
+        ``("out", site name)`` (:meth:`TaskStats.expert_outputs`, the same bits ``TaskStats.add`` would form;
+        for alpha = 1): ``d_out`` numbers a token instead of ``d_in`` (a quarter, for a ViT's ``c_proj``)."""
+        out: list[list[dict]] = []
         nxt: list[list[_Call]] = []
         total_calls = sum(len(c) for c in streams.expert)
         for t, calls in enumerate(streams.expert):
             eb = self.expert_block(idx, t)
             sites = [s for g in self.adapter.find_linears(eb) for s in g]
             which = {s.input_key: s.tokens for s in sites}
+            as_outputs = _output_sites(sites) if outputs else {}
             caps, moved = [], []
             for call in calls:
                 with _Capture(sites) as cap:
                     moved.append(self._advance(eb, call))
-                caps.append({k: call.real(x, f"expert {t} {k}", which[k]) for k, x in cap.inputs.items()})
+                got = {k: call.real(x, f"expert {t} {k}", which[k]) for k, x in cap.inputs.items()}
+                for k, named in as_outputs.items():
+                    x = got.pop(k)
+                    for n, V in named:
+                        got[("out", n)] = TaskStats.expert_outputs(x, V, self.stats_dtype)
+                caps.append(got)
                 if len(caps) == 1 and t == 0:
-                    per_call = sum(x.numel() * x.element_size() for x in cap.inputs.values())
+                    per_call = sum(x.numel() * x.element_size() for x in got.values())
                     if per_call * total_calls > cache_budget_mb("EXPERT_CACHE_MB") * 2**20:
                         return None
             out.append(caps)
@@ -703,7 +715,8 @@ class _Engine:
                 for k in keys:
                     name = f"{self.blocks[idx][0]}{keys[k].name} task {t}"
                     x = call.real(cap.inputs[k], name, keys[k].tokens)
-                    stats[k].add(x, xe.get(k) if with_expert else None, name=name)
+                    ys = {s.name: xe[("out", s.name)] for s in shared[k] if ("out", s.name) in xe}
+                    stats[k].add(x, xe.get(k) if with_expert else None, name=name, expert_outputs=ys)
         return stats
 
     def _advance(self, block: nn.Module, call: _Call) -> _Call:
@@ -770,6 +783,23 @@ def _fold_task(engine, idx, site, folded: FoldedStats, t: int, stats: TaskStats,
     direct = site.name in stats.N  # the target product is already there (see _direct_weights)
     Wt, bt = _expert_weight(engine, t, prefix, site) if use_experts and not direct else (None, None)
     folded.add_task(stats, Wt, bt, name=f"{prefix}{site.name} task {t}", key=site.name)
+
+
+def _augmented(site: Site) -> torch.Tensor:
+    """``[W b]`` of ``site`` in float32 (a zero column without a bias)."""
+    W = site.weight.detach().float()
+    b = torch.zeros(W.shape[0], device=W.device) if site.bias is None else site.bias.detach().float()
+    return torch.cat([W, b.reshape(-1, 1)], dim=1)
+
+
+def _output_sites(sites: list[Site]) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """Input key -> ``(name, [W b])`` of its sites, for the inputs read only by layers whose E-PMQ target
+    product is formed token by token (``direct_pays``)."""
+    by_key: dict[str, list[Site]] = {}
+    for s in sites:
+        by_key.setdefault(s.input_key, []).append(s)
+    return {k: [(s.name, _augmented(s)) for s in ss] for k, ss in by_key.items()
+            if all(direct_pays(*s.weight.shape) for s in ss)}
 
 
 def _direct_weights(engine, idx, group, t: int) -> dict[str, torch.Tensor]:
@@ -966,7 +996,8 @@ def quantize_model(
         if sequential and engine.starts_stack(idx):  # T5's decoder: its inputs come from the whole model
             engine.enter_stack(idx, streams, with_expert=use_experts)
         # the experts' inputs of this block, captured once for all groups (None: recompute per group)
-        expert_inputs = engine.expert_pass(idx, streams) if (sequential and use_experts) else None
+        expert_inputs = (engine.expert_pass(idx, streams, outputs=cfg.alpha == 1.0)
+                         if (sequential and use_experts) else None)
         groups = list(engine.adapter.find_linears(block))
         reuse = (_Reuse(block, [s for g in groups for s in g])
                  if sequential and cache_budget_mb("REUSE_CACHE_MB") > 0 else None)

@@ -267,6 +267,25 @@ def test_direct_target_product_bad_inputs():
         s.add(X[0], bad, name="lin")
 
 
+def test_expert_outputs_stand_in_for_expert_inputs():
+    """``TaskStats.add(expert_outputs=...)`` with :meth:`TaskStats.expert_outputs` is bit for bit the product
+    formed from the expert's inputs; only at alpha = 1, and the outputs must match the tokens."""
+    W_m, experts, X, Xe = multitask_layer(T=1, d_out=8, d_in=32)
+    V = torch.cat([experts[0], torch.randn(8, 1)], 1)
+    for stats_dtype in ("fp32", "bf16"):
+        a = TaskStats(32, with_expert=False, direct={"fc2": V}, stats_dtype=stats_dtype)
+        b = TaskStats(32, with_expert=False, direct={"fc2": V}, stats_dtype=stats_dtype)
+        for x, xe in zip(X[0].split(64), Xe[0].split(64)):
+            a.add(x, xe)
+            b.add(x, None, expert_outputs={"fc2": TaskStats.expert_outputs(xe, V, stats_dtype)})
+        assert torch.equal(a.N["fc2"], b.N["fc2"]) and torch.equal(a.G, b.G)
+    y = TaskStats.expert_outputs(Xe[0], V)
+    with pytest.raises(EPMQError, match="fc2 expert outputs \\(255, 8\\) do not match \\(256 tokens"):
+        TaskStats(32, with_expert=False, direct={"fc2": V}).add(X[0], None, expert_outputs={"fc2": y[1:]}, name="L")
+    with pytest.raises(EPMQError, match="only at alpha = 1"):
+        TaskStats(32, with_expert=False, direct={"fc2": V}, alpha=0.5).add(X[0], None, expert_outputs={"fc2": y})
+
+
 def test_pooled_only_fold_is_gptqs_and_refuses_targets():
     """GPTQ's fold keeps the pooled Gram alone, bit for bit the one a full fold builds; asking it for an
     E-PMQ target is an error, not a silent zero target."""

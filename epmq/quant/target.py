@@ -83,19 +83,33 @@ class TaskStats:
         x = x.float()
         return torch.cat([x, torch.ones(x.shape[0], 1, device=x.device)], dim=1)
 
-    def add(self, x: torch.Tensor, x_expert: torch.Tensor | None = None, *, name: str = "inputs") -> None:
+    @classmethod
+    def expert_outputs(cls, x_expert: torch.Tensor, V: torch.Tensor, stats_dtype: str = "fp32") -> torch.Tensor:
+        """The outputs ``Xa^e [W_t b_t]^T`` (tokens x d_out) that :meth:`add` forms for a ``direct`` layer at
+        ``alpha = 1``, bit for bit: a caller holding the expert's inputs only briefly (the engine's
+        per-block cache) can keep these instead, d_out numbers a token instead of d_in."""
+        return cls._augment(x_expert, STATS_DTYPES[stats_dtype]) @ V.float().T
+
+    def add(self, x: torch.Tensor, x_expert: torch.Tensor | None = None, *, name: str = "inputs",
+            expert_outputs: dict[str, torch.Tensor] | None = None) -> None:
         """Accumulate tokens ``x`` (..., d_in) and, aligned token by token, the expert's ``x_expert``.
+        ``expert_outputs`` (``direct`` layer name -> :meth:`expert_outputs` of these tokens, ``alpha = 1`` only)
+        stand in for ``x_expert`` for those layers; ``x_expert`` is then needed only if ``C`` is collected or a
+        direct layer has no outputs given.
 
         A NaN/Inf anywhere in ``x`` or ``x_expert`` reaches the diagonal of ``G`` / ``C`` (x_i * x_i), so checking
         those d + 1 numbers after each batch catches it without a pass over the tokens."""
         if x.shape[-1] != self.d_in:
             raise EPMQError(f"{name}: inputs have d_in={x.shape[-1]}, the layer expects {self.d_in}")
+        given = expert_outputs or {}
+        if given and self.alpha != 1.0:
+            raise EPMQError(f"{name}: expert outputs stand in for expert inputs only at alpha = 1 (alpha={self.alpha})")
         xa = self._augment(x, self.round_to)
         add_gram(self.G, xa, xa, self.round_to)
         if not bool(torch.isfinite(torch.diagonal(self.G)).all()):
             check_finite(x, name)  # names the culprit
             check_finite(torch.diagonal(self.G), name)  # overflow of finite inputs
-        if self.C is not None or self.direct:
+        if self.C is not None or any(k not in given for k in self.direct):
             if x_expert is None:
                 raise EPMQError(f"{name}: expert inputs are required for E-PMQ statistics")
             if x_expert.shape != x.shape:
@@ -109,12 +123,22 @@ class TaskStats:
                 check_finite(x_expert, f"{name} (expert)")  # names the culprit
                 check_finite(torch.diagonal(self.C), f"{name} (expert)")
         if self.direct:
-            xb = xe if self.alpha == 1.0 else self.alpha * xe + (1 - self.alpha) * xa
+            xb = None
             for key, V in self.direct.items():
+                if key in given:
+                    Y = given[key]
+                    if tuple(Y.shape) != (xa.shape[0], V.shape[0]):
+                        raise EPMQError(f"{name}: {key} expert outputs {tuple(Y.shape)} do not match "
+                                        f"({xa.shape[0]} tokens, d_out {V.shape[0]})")
+                else:
+                    if xb is None:
+                        xb = xe if self.alpha == 1.0 else self.alpha * xe + (1 - self.alpha) * xa
+                    Y = xb @ V.T
                 N = self.N[key]
-                N.addmm_((xb @ V.T).T, xa)
+                N.addmm_(Y.T, xa)
                 if not bool(torch.isfinite(N[:, -1]).all()):  # the bias column sums every output
-                    check_finite(x_expert, f"{name} (expert)")
+                    if x_expert is not None:
+                        check_finite(x_expert, f"{name} (expert)")
                     check_finite(N, f"{name} ({key} expert outputs)")
         self.n += xa.shape[0]
 
