@@ -522,8 +522,8 @@ def _spy_stored_hidden(monkeypatch):
         real["enter_stack"](self, idx, streams, with_expert)
         record(streams)
 
-    def expert_pass(self, idx, streams):
-        out = real["expert_pass"](self, idx, streams)
+    def expert_pass(self, idx, streams, **kw):
+        out = real["expert_pass"](self, idx, streams, **kw)
         record(streams)
         return out
 
@@ -621,10 +621,10 @@ def test_stats_dtype_bf16_is_the_gram_of_the_rounded_inputs():
     captured = []
     real_add = TaskStats.add
 
-    def spy(self, x, x_expert=None, *, name="inputs"):
+    def spy(self, x, x_expert=None, *, name="inputs", **kw):
         if self.round_to is not None:
             captured.append((self, x.detach().clone(), x_expert.detach().clone()))
-        return real_add(self, x, x_expert, name=name)
+        return real_add(self, x, x_expert, name=name, **kw)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(TaskStats, "add", spy)
@@ -703,8 +703,8 @@ def test_no_autograd_graph_survives_quantization(setting):
     seen = []
     real = C._Engine.expert_pass
 
-    def spy(self, idx, streams):
-        out = real(self, idx, streams)
+    def spy(self, idx, streams, **kw):
+        out = real(self, idx, streams, **kw)
         seen.extend(c.hidden.requires_grad for calls in streams.expert for c in calls)
         return out
 
