@@ -81,12 +81,36 @@ def _onednn_fp32_precision(mode: str):
         flags.fp32_precision = old
 
 
+@contextlib.contextmanager
+def _cublas_tf32():
+    """cuBLAS float32 GEMMs on TF32 tensor cores for the duration (the flag is restored after)."""
+    flags = torch.backends.cuda.matmul
+    old = flags.fp32_precision
+    flags.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        flags.fp32_precision = old
+
+
+def _bf16_gram_context(device: torch.device):
+    """The math mode :func:`add_gram` runs a product of bf16 values in: oneDNN's bf16 mode on a CPU with bf16
+    matmul hardware, TF32 on CUDA (TF32 keeps 10 mantissa bits, bf16 values have 7: the inputs pass
+    unrounded, products are exact and sums float32), else plain float32."""
+    if device.type == "cpu" and _onednn_bf16():
+        return _onednn_fp32_precision("bf16")
+    if device.type == "cuda" and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return _cublas_tf32()
+    return contextlib.nullcontext()
+
+
 def add_gram(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> None:
     """``acc += a^T b`` in float32 (``a``, ``b``: float32 (N, d)). With ``dtype`` (bf16), ``a`` and ``b`` must
     hold values already rounded to it (float32 tensors of bf16 values, see ``TaskStats._augment``); the result
     is then the float32-accumulated product of those values whatever runs it: on a CPU with bf16 matmul
     hardware, oneDNN's bf16 math mode (bf16 products -- exact here, the inputs being bf16 values -- float32
-    accumulation and output; the GEMM ~2.6x faster than float32 at d = 1536); elsewhere a float32 product."""
-    fast = dtype == torch.bfloat16 and acc.device.type == "cpu" and _onednn_bf16()
-    with _onednn_fp32_precision("bf16") if fast else contextlib.nullcontext():
+    accumulation and output; the GEMM ~2.6x faster than float32 at d = 1536); on CUDA, a TF32 GEMM (exact on
+    bf16 values for the same reason; not yet timed: no GPU so far); elsewhere a float32 product."""
+    mode = _bf16_gram_context(acc.device) if dtype == torch.bfloat16 else contextlib.nullcontext()
+    with mode:
         acc.addmm_(a.T, b)

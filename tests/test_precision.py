@@ -1,5 +1,6 @@
 """epmq.precision: the one-cast Linear weights context gives autocast's bits and restores the fp32 weights."""
 
+import pytest
 import torch
 
 from epmq.precision import autocast, linear_weights_in
@@ -36,3 +37,25 @@ def test_linear_weights_in_restores_on_error_and_fp32_is_a_no_op():
     assert net[0].weight is w and w.dtype == torch.float32
     with linear_weights_in(net, "fp32"):
         assert net[0].weight.dtype == torch.float32
+
+
+def test_bf16_grams_on_cuda_run_as_tf32_which_is_exact_on_bf16_values():
+    """On CUDA, ``add_gram`` runs a product of bf16 values as a TF32 GEMM. TF32 keeps the top 10 of float32's 23
+    mantissa bits; a bf16 value has 7, so the 13 bits TF32 drops are zero and the inputs pass unrounded
+    (products exact, sums float32: the same numbers as the CPU paths). The mode is set only for the product
+    and restored after, also on error."""
+    from epmq.precision import _bf16_gram_context, _cublas_tf32
+
+    x = torch.randn(4096).mul(torch.logspace(-20, 20, 4096)).to(torch.bfloat16).float()
+    assert int((x.view(torch.int32) & 0x1FFF).abs().sum()) == 0
+    flags = torch.backends.cuda.matmul
+    before = flags.fp32_precision
+    with _bf16_gram_context(torch.device("cuda")):
+        assert flags.fp32_precision == "tf32"
+    assert flags.fp32_precision == before
+    with pytest.raises(ValueError):
+        with _cublas_tf32():
+            raise ValueError("boom")
+    assert flags.fp32_precision == before
+    with _bf16_gram_context(torch.device("cpu")):
+        assert flags.fp32_precision == before  # a CPU product never touches the cuBLAS flag
