@@ -66,8 +66,24 @@ def open_suite(spec: dict):
     return get_suite(spec["type"], spec["cache"], seed=spec["seed"], threads=threads, **spec["options"])
 
 
+def peak_memory_line() -> str:
+    """``peak host RSS N MB`` (this process's high-water mark), plus the peak GPU memory of every CUDA
+    device this process allocated on (torch's allocator), for the end of a job's log."""
+    import resource
+
+    parts = [f"peak host RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"]
+    torch = sys.modules.get("torch")  # a job that never imported torch used no GPU
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i in range(torch.cuda.device_count()):
+            peak = torch.cuda.max_memory_allocated(i)
+            if peak:
+                parts.append(f"peak GPU memory {peak / 2**20:.0f} MB on cuda:{i}")
+    return "; ".join(parts)
+
+
 class log_to:
-    """Send this process's stdout and stderr (progress bars, warnings, tracebacks) to a job's log file."""
+    """Send this process's stdout and stderr (progress bars, warnings, tracebacks) to a job's log file; its
+    last line is :func:`peak_memory_line` (also after a failure)."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -84,6 +100,7 @@ class log_to:
             import traceback
 
             traceback.print_exception(exc_type, exc, tb, file=self._f)
+        print(peak_memory_line(), file=self._f)
         sys.stdout, sys.stderr = self._saved
         self._f.close()
         return False

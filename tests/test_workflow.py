@@ -296,3 +296,22 @@ def test_dag_resumes_after_a_failure_without_recomputing(tiny_run):
     _snakemake("--cores", "2", "--configfile", "tiny.yaml", cwd=tiny_run)
     assert victim.is_file()
     assert {p: p.stat().st_mtime_ns for p in keep} == keep
+
+
+def test_every_job_log_ends_with_its_peak_memory(tmp_path):
+    """``log_to`` (every workflow script runs inside it) ends the job's log with the peak host RSS (and the peak
+    GPU memory where CUDA was used), also when the job fails."""
+    import re
+
+    from epmq.pipeline import log_to
+
+    ok, bad = tmp_path / "ok.log", tmp_path / "bad.log"
+    with log_to(ok):
+        print("working")
+    with pytest.raises(RuntimeError):
+        with log_to(bad):
+            raise RuntimeError("boom")
+    for path in (ok, bad):
+        last = path.read_text().strip().splitlines()[-1]
+        assert re.fullmatch(r"peak host RSS \d+ MB(; peak GPU memory \d+ MB on cuda:\d+)*", last), last
+    assert "RuntimeError: boom" in bad.read_text()
