@@ -48,7 +48,7 @@ cache then keeps those layers' expert outputs instead of their inputs (``d_out``
 Precision: ``forward_dtype`` runs the block forwards under autocast; ``stats_dtype="bf16"`` rounds the captured
 layer inputs to bf16 before the Gram products ``G``/``C`` (:func:`epmq.precision.add_gram`), which are still
 accumulated and kept in float32 -- on CPUs with bf16 matmul hardware the statistics update is 1.2-2.0x faster
-(``bench/grams_bench.py``).
+(``bench/grams_bench.py``); on CUDA the products run as TF32 GEMMs, exact on bf16 values (not yet timed).
 """
 
 from __future__ import annotations
