@@ -82,8 +82,8 @@ def peak_memory_line() -> str:
 
 
 class log_to:
-    """Send this process's stdout and stderr (progress bars, warnings, tracebacks) to a job's log file; its
-    last line is :func:`peak_memory_line` (also after a failure)."""
+    """Send this process's stdout and stderr (progress bars, warnings, tracebacks) to a job's log file, ended
+    by :func:`peak_memory_line` (after a failure: that line, then the traceback, so the error stays last)."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -96,11 +96,11 @@ class log_to:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc is not None:
+        print(peak_memory_line(), file=self._f)
+        if exc is not None:  # after the memory line: a failed job's log still ends with its error
             import traceback
 
             traceback.print_exception(exc_type, exc, tb, file=self._f)
-        print(peak_memory_line(), file=self._f)
         sys.stdout, sys.stderr = self._saved
         self._f.close()
         return False

@@ -300,7 +300,8 @@ def test_dag_resumes_after_a_failure_without_recomputing(tiny_run):
 
 def test_every_job_log_ends_with_its_peak_memory(tmp_path):
     """``log_to`` (every workflow script runs inside it) ends the job's log with the peak host RSS (and the peak
-    GPU memory where CUDA was used), also when the job fails."""
+    GPU memory where CUDA was used); a failed job's log has that line before the traceback, whose exception
+    line stays the last."""
     import re
 
     from epmq.pipeline import log_to
@@ -311,7 +312,8 @@ def test_every_job_log_ends_with_its_peak_memory(tmp_path):
     with pytest.raises(RuntimeError):
         with log_to(bad):
             raise RuntimeError("boom")
-    for path in (ok, bad):
-        last = path.read_text().strip().splitlines()[-1]
-        assert re.fullmatch(r"peak host RSS \d+ MB(; peak GPU memory \d+ MB on cuda:\d+)*", last), last
-    assert "RuntimeError: boom" in bad.read_text()
+    memory = r"peak host RSS \d+ MB(; peak GPU memory \d+ MB on cuda:\d+)*"
+    lines = ok.read_text().strip().splitlines()
+    assert lines[0] == "working" and re.fullmatch(memory, lines[-1]), lines
+    lines = bad.read_text().strip().splitlines()
+    assert re.fullmatch(memory, lines[0]) and lines[1].startswith("Traceback") and lines[-1] == "RuntimeError: boom"
