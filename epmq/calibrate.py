@@ -69,7 +69,7 @@ from epmq.precision import DTYPES, STATS_DTYPES, autocast
 from epmq.quant import METHODS, QuantMethod
 from epmq.quant.result import QuantResult
 from epmq.quant.rounding import gptq, gptq_shared, rtn
-from epmq.quant.target import FoldedStats, TaskStats, direct_pays, solve_target
+from epmq.quant.target import FoldedStats, TaskStats, augment_weight, direct_pays, solve_target
 
 __all__ = ["QuantConfig", "QuantizeReport", "quantize_model", "collect_stats", "save_stats", "load_stats"]
 
@@ -785,20 +785,15 @@ def _fold_task(engine, idx, site, folded: FoldedStats, t: int, stats: TaskStats,
     folded.add_task(stats, Wt, bt, name=f"{prefix}{site.name} task {t}", key=site.name)
 
 
-def _augmented(site: Site) -> torch.Tensor:
-    """``[W b]`` of ``site`` in float32 (a zero column without a bias)."""
-    W = site.weight.detach().float()
-    b = torch.zeros(W.shape[0], device=W.device) if site.bias is None else site.bias.detach().float()
-    return torch.cat([W, b.reshape(-1, 1)], dim=1)
-
-
 def _output_sites(sites: list[Site]) -> dict[str, list[tuple[str, torch.Tensor]]]:
     """Input key -> ``(name, [W b])`` of its sites, for the inputs read only by layers whose E-PMQ target
     product is formed token by token (``direct_pays``)."""
     by_key: dict[str, list[Site]] = {}
     for s in sites:
         by_key.setdefault(s.input_key, []).append(s)
-    return {k: [(s.name, _augmented(s)) for s in ss] for k, ss in by_key.items()
+    return {k: [(s.name, augment_weight(s.weight.detach(), None if s.bias is None else s.bias.detach(),
+                                        torch.float32)) for s in ss]
+            for k, ss in by_key.items()
             if all(direct_pays(*s.weight.shape) for s in ss)}
 
 
@@ -812,8 +807,7 @@ def _direct_weights(engine, idx, group, t: int) -> dict[str, torch.Tensor]:
         if direct_pays(d_out, d_in):
             W, b = _expert_weight(engine, t, prefix, site)
             check_finite(W, f"{prefix}{site.name} task {t} (expert weight)")
-            b = torch.zeros(d_out, device=W.device) if b is None else b
-            out[site.name] = torch.cat([W.float(), b.float().reshape(-1, 1)], dim=1)
+            out[site.name] = augment_weight(W, b, torch.float32)
     return out
 
 

@@ -228,13 +228,14 @@ class FoldedStats:
             Ct = stats.C.double()
             if self.alpha != 1.0:  # (alpha = 1, the default: C as it is, the same bits)
                 Ct = self.alpha * Ct + (1 - self.alpha) * G
-            self.N_task += w * (_augment_weight(W_t, b_t) @ Ct)
+            self.N_task += w * (augment_weight(W_t, b_t) @ Ct)
         self.n_tasks += 1
 
 
-def _augment_weight(W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    b = torch.zeros(W.shape[0], dtype=torch.float64, device=W.device) if b is None else b.double()
-    return torch.cat([W.double(), b.reshape(-1, 1)], dim=1)
+def augment_weight(W: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``[W b]`` (d_out x (d_in + 1)) in ``dtype``, a zero column when the layer has no bias."""
+    b = torch.zeros(W.shape[0], dtype=dtype, device=W.device) if b is None else b.to(dtype)
+    return torch.cat([W.to(dtype), b.reshape(-1, 1)], dim=1)
 
 
 @dataclass
@@ -275,7 +276,7 @@ def solve_target(
         raise EPMQError(f"{name}: the statistics were folded for the pooled Hessian only; E-PMQ needs the tasks'")
     d = folded.d_in
     check_finite(W_m, f"{name} (merged weight)")
-    Vm = _augment_weight(W_m, b_m)
+    Vm = augment_weight(W_m, b_m)
     Ht, Gp = folded.H_task, folded.G_pool
     tr_task = float(torch.diagonal(Ht)[:d].sum())
     tr_pool = float(torch.diagonal(Gp)[:d].sum())
