@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 # Override for a GPU machine, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 OPEN_CLIP_SPEC ?= open_clip_torch==3.3.0
+# FusionBench's class names, prompt templates and dataset configs, read as data by tests/test_tasks.py
+FUSION_BENCH_SPEC ?= fusion-bench==0.2.33
 UV_SPEC ?= uv==0.13.9
 
 .PHONY: setup data demo test lock clean
@@ -23,6 +25,8 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode -r requirements.lock
 	# open_clip's model code only; its torchvision dependency has no wheel beside CPU torch (see epmq/models/openclip.py)
 	$(PY) -m pip install -q --no-deps $(OPEN_CLIP_SPEC)
+	# fusion-bench as data only (never imported): --no-deps keeps out lightning, hydra, peft, tensorboard, ...
+	$(PY) -m pip install -q --no-deps $(FUSION_BENCH_SPEC)
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
@@ -43,7 +47,7 @@ test: setup
 	$(PY) -m pytest
 
 lock:
-	$(PY) -m pip freeze --exclude-editable | grep -vE '^(torch|open_clip_torch|triton)==' > requirements.lock.tmp
+	$(PY) -m pip freeze --exclude-editable | grep -vE '^(torch|open_clip_torch|triton|fusion-bench|fusion_bench)==' > requirements.lock.tmp
 	{ echo "# Exact versions the tests and the default grid run with (installed after torch==2.13.0; see Makefile)."; \
 	  echo "# Regenerate: make lock"; cat requirements.lock.tmp; } > requirements.lock && rm requirements.lock.tmp
 

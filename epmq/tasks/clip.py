@@ -7,12 +7,19 @@ names its experts ``tanganke/clip-vit-<arch>_<task>`` carry).
 Each :class:`ClipTask` says where the real data lives on the Hugging Face hub (dataset id, optional config,
 split names, image and label columns) and how to build its zero-shot head: the class names, in the dataset's
 label order, and the task's prompt templates (``str.format`` strings with one ``{}`` for the class name; the
-standard CLIP / task-arithmetic sets). The class-name spellings are those of the heads the FusionBench experts
-were fine-tuned against, because an expert's accuracy depends on the exact head it was trained with; the one
-deliberate difference is CIFAR-100 class 26, spelled ``crab`` here (FusionBench's list has ``cra``).
+standard CLIP / task-arithmetic sets). Class names and templates are exactly those of the heads the FusionBench
+experts were fine-tuned and evaluated with (``fusion_bench/tasks/clip_classification/*.py`` of the
+``fusion-bench`` package), quirks included -- CIFAR-100 class 26 is ``cra``, not ``crab`` -- because an
+expert's accuracy depends on the exact head it was trained with; ``tests/test_tasks.py`` compares every task
+with the installed ``fusion-bench``'s lists.
 
-Hub ids follow FusionBench's dataset configs; ids or columns that were not checked against the hub are marked
-``# unverified``: a wrong one fails loudly at load time rather than silently. The class-name lists live in
+Dataset ids and splits are those of FusionBench's dataset configs (``fusion_bench_config/dataset/
+image_classification/{train,test}/<task>.yaml``), under the hub's current names where a repository moved
+(FusionBench's ``mnist`` and ``svhn`` are ``ylecun/mnist`` and ``ufldl-stanford/svhn``). FusionBench reads every
+one of them through the same loader, which takes an ``image`` and a ``label`` column (its dataset README:
+"each dataset should have 'image' and 'label' columns"); the exception is FER2013, whose loader renames the
+webdataset's ``jpg`` / ``cls``, read here directly. These columns were checked against FusionBench's code, not
+against the hub: a wrong one fails loudly at load time rather than silently. The class-name lists live in
 ``clip_classnames.json`` beside this module and are read on first use, so importing this module is cheap.
 """
 
@@ -103,24 +110,23 @@ _SPECS: dict[str, tuple] = {
     "gtsrb": ("tanganke/gtsrb", None, "train", "test", "image", "label", _GTSRB),
     "mnist": ("ylecun/mnist", None, "train", "test", "image", "label", _NUMBER),
     "dtd": ("tanganke/dtd", None, "train", "test", "image", "label", _DTD),
-    # FusionBench's configs load these four from non-tanganke repositories; columns are unverified
-    "oxford_flowers102": ("dpdl-benchmark/oxford_flowers102", None, "train", "test", "image", "label",  # unverified
+    "oxford_flowers102": ("dpdl-benchmark/oxford_flowers102", None, "train", "test", "image", "label",
                           ("a photo of a {}, a type of flower.",)),
-    "pcam": ("1aurent/PatchCamelyon", None, "train", "test", "image", "label",  # unverified
-             ("this is a photo of {}",)),
+    "pcam": ("1aurent/PatchCamelyon", None, "train", "test", "image", "label", ("this is a photo of {}",)),
     # webdataset export from clip-benchmark: image in 'jpg', label in 'cls' (as FusionBench's loader reads it)
     "fer2013": ("clip-benchmark/wds_fer2013", None, "train", "test", "jpg", "cls", _FER2013),
-    "oxford-iiit-pet": ("timm/oxford-iiit-pet", None, "train", "test", "image", "label",  # unverified
+    "oxford-iiit-pet": ("timm/oxford-iiit-pet", None, "train", "test", "image", "label",
                         ("a photo of a {}, a type of pet.",)),
     "stl10": ("tanganke/stl10", None, "train", "test", "image", "label", _PHOTO_2),
-    "cifar100": ("uoft-cs/cifar100", None, "train", "test", "img", "fine_label", _CIFAR),
-    "cifar10": ("uoft-cs/cifar10", None, "train", "test", "img", "label", _CIFAR),
+    # FusionBench's copies (its experts were trained and scored on them), not uoft-cs/*: image + label columns
+    "cifar100": ("tanganke/cifar100", None, "train", "test", "image", "label", _CIFAR),
+    "cifar10": ("tanganke/cifar10", None, "train", "test", "image", "label", _CIFAR),
     "food101": ("ethz/food101", None, "train", "validation", "image", "label", ("a photo of {}, a type of food.",)),
     "fashion_mnist": ("zalando-datasets/fashion_mnist", None, "train", "test", "image", "label", _PHOTO_2),
     "emnist_letters": ("tanganke/emnist_letters", None, "train", "test", "image", "label",
                        ('a photo of the digit character: "{}".',)),
     "kmnist": ("tanganke/kmnist", None, "train", "test", "image", "label", ("a photo of the character {}.",)),
-    "rendered-sst2": ("nateraw/rendered-sst2", None, "train", "test", "image", "label",  # unverified
+    "rendered-sst2": ("nateraw/rendered-sst2", None, "train", "test", "image", "label",
                       ("a {} review of a movie.",)),
 }
 assert tuple(_SPECS) == TASKS_20
