@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import weakref
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from epmq.errors import EPMQError
-from epmq.merge import METHODS, lazy_state_dict, merge_files, merge_state_dicts
+from epmq.io import SafetensorsStream, save_safetensors_atomic
+from epmq.merge import METHODS, lazy_state_dict, merge_files, merge_state_dicts, merge_stream
 from epmq.merge.average import average
 from epmq.merge.dare import dare
 from epmq.merge.task_arithmetic import task_arithmetic
@@ -306,8 +309,8 @@ def test_excluded_keys_copied_from_base():
     assert torch.equal(averaged["head.weight"], experts[0]["head.weight"])
     assert torch.equal(averaged["encoder.fc.weight"], torch.full((3,), 2.0))
     # without the default patterns heads are merged too (non-float buffers are still copied), and the
-    # -inf attention mask is refused as a non-finite input
-    with pytest.raises(EPMQError, match=r"attn_mask \(expert 0\)"):
+    # -inf attention mask is refused as a non-finite input (the base's, checked before the experts are read)
+    with pytest.raises(EPMQError, match=r"attn_mask \(base\)"):
         merge_state_dicts(base, experts, "task_arithmetic", exclude=())
     everything = merge_state_dicts(base, experts, "task_arithmetic", lam=0.5, exclude=[r"attn_mask$"])
     assert torch.equal(everything["head.weight"], torch.full((2,), 12.0))
@@ -487,3 +490,239 @@ def test_lazy_state_dict_does_not_map_the_file(tmp_path):
     maps = Path("/proc/self/maps")
     if maps.exists():
         assert str(path) not in maps.read_text()
+
+
+# --- streaming: the same bits as the in-memory merge, one key's tensors at a time ---------------------------
+
+
+def _previous_task_arithmetic(base, experts, *, lam=0.3, dare_p=0.0, seed=0):
+    """Task arithmetic as it was computed before the streamed form (a list of every τ_t, then a sum)."""
+    from epmq.merge.base import mix_seed
+
+    taus = [dare(e.float() - base.float(), dare_p, mix_seed(seed, t)) for t, e in enumerate(experts)]
+    total = taus[0].clone()
+    for tau in taus[1:]:
+        total += tau
+    return base.float() + lam * total
+
+
+def _previous_ties(base, experts, *, k=20.0, lam=0.3, merge_func="sum", trim_scope="global", thresholds=None,
+                   dare_p=0.0, seed=0):
+    """TIES as it was computed before the streamed form: vectorised over a stack of every task vector."""
+    from epmq.merge.base import mix_seed
+    from epmq.merge.ties import trim_rank
+
+    taus = torch.stack([dare(e.float() - base.float(), dare_p, mix_seed(seed, t)) for t, e in enumerate(experts)])
+    taus = taus.reshape(len(experts), -1)
+    magnitude = taus.abs()
+    if trim_scope == "tensor":
+        rank = trim_rank(taus.shape[1], k)
+        cut = magnitude.kthvalue(rank, dim=1, keepdim=True).values if rank else torch.zeros_like(magnitude[:, :1])
+    else:
+        cut = torch.tensor(thresholds, dtype=torch.float32).reshape(-1, 1)
+    trimmed = taus * (magnitude >= cut)
+    elected = torch.sign(trimmed.sum(dim=0))
+    elected[elected == 0] = 1.0 if elected.sum() >= 0 else -1.0
+    agree = torch.where(elected > 0, trimmed > 0, trimmed < 0)
+    merged = (trimmed * agree).sum(dim=0)
+    if merge_func == "mean":
+        merged /= agree.sum(dim=0).clamp(min=1)
+    return base.float() + lam * merged.reshape(base.shape)
+
+
+def _quantised_experts(seed, n_experts, shape=(33, 17), dtype=torch.float32):
+    """A base and experts whose task vectors are multiples of 1/4: many exact ties, zeros and zero sums."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=gen).to(dtype)
+    steps = [torch.randint(-3, 4, shape, generator=gen).float() / 4 for _ in range(n_experts)]
+    return base, [(base.float() + s).to(dtype) for s in steps]
+
+
+@pytest.mark.parametrize("n_experts", [1, 2, 5, 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_streamed_methods_equal_the_previous_vectorised_ones_bit_for_bit(n_experts, dtype):
+    base, experts = _quantised_experts(n_experts, n_experts, dtype=dtype)
+    for hp in ({}, {"lam": 0.7}, {"dare_p": 0.4, "seed": 9}):
+        assert torch.equal(task_arithmetic(base, experts, **hp), _previous_task_arithmetic(base, experts, **hp))
+    thresholds = [0.25 * (t % 3) for t in range(n_experts)]
+    for hp in ({"thresholds": thresholds}, {"thresholds": thresholds, "merge_func": "mean", "lam": 1.0},
+               {"trim_scope": "tensor", "k": 10}, {"trim_scope": "tensor", "k": 100, "merge_func": "mean"},
+               {"trim_scope": "tensor", "k": 50, "dare_p": 0.3, "seed": 4}):
+        new, old = ties(base, experts, **hp), _previous_ties(base, experts, **hp)
+        assert torch.equal(new, old) and new.view(torch.int32).equal(old.view(torch.int32)), hp  # -0.0 too
+
+
+class LiveCountingStateDict(Mapping):
+    """A lazy state dict that hands out a fresh copy per read (as a safetensors file does), counting reads
+    per key and how many of the tensors it handed out are alive at once (over every instance of a group)."""
+
+    def __init__(self, tensors: dict, group: dict):
+        self._tensors, self.group, self.reads = tensors, group, Counter()
+
+    def __getitem__(self, key):
+        self.reads[key] += 1
+        tensor = self._tensors[key].clone()
+        self.group["alive"] += 1
+        self.group["peak"] = max(self.group["peak"], self.group["alive"])
+        weakref.finalize(tensor, self.group.__setitem__, "alive", self.group["alive"] - 1)
+        return tensor
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self):
+        return len(self._tensors)
+
+    def describe(self, key):  # as a safetensors file's header tells it, without a read
+        return self._tensors[key].dtype, tuple(self._tensors[key].shape)
+
+
+@pytest.mark.parametrize(("method", "hp", "reads"), [
+    ("task_arithmetic", {}, 1), ("dare_task_arithmetic", {}, 1), ("ties", {}, 3), ("dare_ties", {}, 3),
+    ("ties", {"trim_scope": "tensor"}, 1), ("average", {}, 1),
+])
+def test_streamed_merge_reads_each_expert_tensor_once_per_pass_and_holds_one(method, hp, reads):
+    n_experts = 6
+    base_sd, expert_sds = _random_model(13, n_experts)
+    base_sd["head.weight"] = torch.randn(2, 8)
+    for e in expert_sds:
+        e["head.weight"] = torch.randn(2, 8)
+    expected = merge_state_dicts(None if method == "average" else base_sd, expert_sds, method, **hp)
+    group = {"alive": 0, "peak": 0}
+    base = LiveCountingStateDict(base_sd, group)
+    experts = [LiveCountingStateDict(e, group) for e in expert_sds]
+    stream = merge_stream(None if method == "average" else base, experts, method, **hp)
+    got = {}
+    for key, tensor in stream.tensors():
+        got[key] = tensor  # what a writer does with it: here kept, to compare; it is not a handed-out copy
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+    # every expert key a method merges is read once per pass (TIES' global trim: two threshold passes + the
+    # merge); the head is read from expert 0 only when it is the reference (no base)
+    for t, e in enumerate(experts):
+        assert {e.reads[key] for key in ("l1.weight", "l1.bias")} == {reads}, t
+    # never more than the base tensor and one expert tensor read at once, not the T + 1 of a key
+    assert group["peak"] <= 2 < n_experts + 1
+
+
+def test_streamed_file_equals_the_saved_in_memory_merge_byte_for_byte(tmp_path):
+    """What the merge job writes, streamed, against what it wrote before: every checkpoint loaded whole,
+    merged in memory, saved with save_file (one metadata entry, as the job writes)."""
+    base, experts = _random_model(14, 4)
+    base["head.weight"], base["pos.position_ids"] = torch.randn(2, 8), torch.arange(5)
+    base["half.weight"] = torch.randn(4, 3).half()
+    for e in experts:
+        e["head.weight"], e["pos.position_ids"] = torch.randn(2, 8), torch.arange(5)
+        e["half.weight"] = (base["half.weight"].float() + torch.randn(4, 3)).half()
+    save_file(base, tmp_path / "base.safetensors")
+    for t, e in enumerate(experts):
+        save_file(e, tmp_path / f"e{t}.safetensors")
+    for method, hp in [("task_arithmetic", {"lam": 0.3}), ("ties", {"k": 20, "lam": 0.5}),
+                       ("dare_ties", {"merge_func": "mean"})]:
+        meta = {"epmq_merge": json.dumps(hp)}
+        whole = merge_state_dicts(load_file(tmp_path / "base.safetensors"),
+                                  [load_file(tmp_path / f"e{t}.safetensors") for t in range(4)], method, **hp)
+        before = save_safetensors_atomic(tmp_path / "before" / f"{method}.safetensors", whole, metadata=meta)
+        stream = merge_stream(lazy_state_dict(tmp_path / "base.safetensors"),
+                              [lazy_state_dict(tmp_path / f"e{t}.safetensors") for t in range(4)], method, **hp)
+        with SafetensorsStream(tmp_path / "after" / f"{method}.safetensors", stream.layout, meta) as writer:
+            for key, tensor in stream.tensors(order=writer.order):
+                writer.write(key, tensor)
+        assert writer.path.read_bytes() == before.read_bytes(), method
+    assert sorted(p.name for p in (tmp_path / "after").iterdir()) == sorted(p.name for p in (tmp_path / "before").iterdir())
+
+
+def test_safetensors_stream_writes_what_save_file_writes(tmp_path):
+    gen = torch.Generator().manual_seed(15)
+    dtypes = [torch.bool, torch.uint8, torch.int8, torch.float8_e5m2, torch.float8_e4m3fn, torch.int16, torch.float16,
+              torch.bfloat16, torch.int32, torch.float32, torch.float64, torch.int64]
+    tensors = {}
+    for i, dtype in enumerate(dtypes):
+        for name in ("b", "a.x", "Z", "é"):  # name order within a dtype: by code point, as safetensors sorts
+            tensors[f"{name}{i}"] = torch.randint(0, 100, (3, i % 4 + 1), generator=gen).to(dtype)
+    tensors |= {"scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3), "strided": torch.randn(4, 5, generator=gen).t()}
+    layout = {k: (v.dtype, v.shape) for k, v in tensors.items()}
+    for meta in (None, {"epmq_merge": '{"lam": 0.3}'}, {"odd": "a\n\u2028é\"/\x7f\x01\\"}):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "ref.safetensors", metadata=meta)
+        with SafetensorsStream(tmp_path / "out.safetensors", layout, meta) as writer:
+            for key in writer.order:
+                writer.write(key, tensors[key])
+        assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes(), meta
+    # misuse is refused, and a failed stream leaves neither the file nor its temp file
+    with pytest.raises(ValueError, match="out of order"):
+        with SafetensorsStream(tmp_path / "bad.safetensors", layout) as writer:
+            writer.write(writer.order[1], tensors[writer.order[1]])
+    with pytest.raises(ValueError, match="header says"):
+        with SafetensorsStream(tmp_path / "bad.safetensors", layout) as writer:
+            writer.write(writer.order[0], tensors[writer.order[0]].reshape(-1))
+    with pytest.raises(ValueError, match="not written"):
+        with SafetensorsStream(tmp_path / "bad.safetensors", layout) as writer:
+            writer.write(writer.order[0], tensors[writer.order[0]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "ref.safetensors"]
+
+
+class _SelectSuite:
+    """The parts of a suite the merge job uses; validation accuracy peaks at the merge whose weight sum is
+    closest to ``target``. Counts the encoders alive at once."""
+
+    name = "fake"
+    merge_exclude = None
+
+    def __init__(self, folder: Path, target: float):
+        self.folder, self.target, self.tasks = folder, target, ("a", "b", "c")
+        self.base_path = folder / "base.safetensors"
+        self.alive, self.peak = 0, 0
+
+    def expert_path(self, task):
+        return self.folder / f"{task}.safetensors"
+
+    def new_encoder(self):
+        import gc
+
+        gc.collect()
+        enc = torch.nn.Sequential(torch.nn.Linear(6, 8))
+        enc.register_buffer("steps", torch.tensor(0))
+        enc.head = torch.nn.Linear(8, 2)
+        self.alive += 1
+        self.peak = max(self.peak, self.alive)
+        weakref.finalize(enc, setattr, self, "alive", self.alive - 1)
+        return enc
+
+    def evaluate_all(self, encoder, split):
+        assert split == "validation"
+        score = -abs(float(encoder[0].weight.detach().double().sum()) - self.target)
+        return {"tasks": {t: {"accuracy": score + i} for i, t in enumerate(self.tasks)}}
+
+
+def test_merge_job_selects_streamed_and_writes_what_it_wrote_before(tmp_path, monkeypatch):
+    from epmq import pipeline
+
+    gen = torch.Generator().manual_seed(16)
+    base = {"0.weight": torch.randn(8, 6, generator=gen), "0.bias": torch.randn(8, generator=gen),
+            "steps": torch.tensor(0), "head.weight": torch.randn(2, 8, generator=gen), "head.bias": torch.zeros(2)}
+    experts = [{k: v + torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in base.items()}
+               for _ in range(3)]
+    save_file(base, tmp_path / "base.safetensors")
+    for task, e in zip("abc", experts):
+        save_file(e, tmp_path / f"{task}.safetensors")
+    lams = [0.1, 0.5, 1.0]
+    whole = {lam: merge_state_dicts(base, experts, "ties", k=20, lam=lam) for lam in lams}
+    target = float(whole[0.5]["0.weight"].double().sum()) + 1e-3  # λ = 0.5 wins
+    suite = _SelectSuite(tmp_path, target)
+    monkeypatch.setattr(pipeline, "open_suite", lambda spec: suite)
+    out = tmp_path / "merged" / "ties.safetensors"
+    record = pipeline.merge({}, "ties", "ties", {"k": 20}, {"lam": lams}, out)
+    assert record["params"] == {"k": 20, "lam": 0.5} and [t["params"]["lam"] for t in record["trials"]] == lams
+    expected = save_safetensors_atomic(tmp_path / "before.safetensors", whole[0.5],
+                                       metadata={"epmq_merge": json.dumps({"k": 20, "lam": 0.5})})
+    assert out.read_bytes() == expected.read_bytes()
+    assert suite.peak == 1  # one encoder at a time, and no merged state dict beside it
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ties.json", "ties.safetensors"]  # no temp file left
+    # one candidate: nothing to evaluate, streamed straight to the file
+    single = pipeline.merge({}, "ta", "task_arithmetic", {"lam": 0.3}, {}, tmp_path / "merged" / "ta.safetensors")
+    assert "validation" not in single["trials"][0]
+    assert load_file(tmp_path / "merged" / "ta.safetensors").keys() == base.keys()
+    # a failing evaluation leaves no file and no temp file behind
+    monkeypatch.setattr(suite, "evaluate_all", lambda enc, split: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        pipeline.merge({}, "bad", "ties", {}, {"lam": lams}, tmp_path / "merged" / "bad.safetensors")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ta.json", "ta.safetensors", "ties.json", "ties.safetensors"]

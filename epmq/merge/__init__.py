@@ -9,23 +9,35 @@ its paper in :data:`METHODS`:
 * ``dare_task_arithmetic`` / ``dare_ties``: the same on DARE-sparsified task vectors
   (:mod:`epmq.merge.dare`; the ``dare_p`` hyperparameter of ``task_arithmetic`` and ``ties``).
 
-:func:`merge_state_dicts` streams whole (possibly lazy) state dicts through a method;
-:func:`merge_files` does it for .safetensors checkpoints and writes the result atomically.
+:func:`merge_stream` runs whole (possibly lazy) state dicts through a method one tensor name at a time and
+hands the merged tensors over as they come; :func:`merge_state_dicts` collects them into a dict, and
+:func:`merge_files` streams .safetensors checkpoints into a .safetensors file (written atomically), holding
+one key's tensors at a time, never a whole model.
 
 Importing this package does not import torch: the functions import it when called.
 """
 
 from epmq.merge.base import MergeMethod
-from epmq.merge.driver import DEFAULT_EXCLUDE, lazy_state_dict, merge_files, merge_state_dicts, resolve_hparams
+from epmq.merge.driver import (
+    DEFAULT_EXCLUDE,
+    MergeStream,
+    lazy_state_dict,
+    merge_files,
+    merge_state_dicts,
+    merge_stream,
+    resolve_hparams,
+)
 from epmq.merge.registry import METHODS, get_method
 
 __all__ = [
     "DEFAULT_EXCLUDE",
     "METHODS",
     "MergeMethod",
+    "MergeStream",
     "get_method",
     "lazy_state_dict",
     "merge_files",
     "merge_state_dicts",
+    "merge_stream",
     "resolve_hparams",
 ]

@@ -11,16 +11,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from epmq.merge.base import check_experts
+from epmq.merge.base import iter_experts
 
 if TYPE_CHECKING:
     import torch
 
 
 def average(base: torch.Tensor | None, experts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean of the expert tensors, in float32 (``base`` is ignored)."""
-    check_experts(experts)
-    total = experts[0].float().clone()
-    for expert in experts[1:]:
-        total += expert.float()
-    return total / len(experts)
+    """Mean of the expert tensors, in float32 (``base`` is ignored); one pass over ``experts``."""
+    total = None
+    for expert in iter_experts(experts):
+        if total is None:
+            total = expert.float().clone()
+        else:
+            total += expert.float()
+        del expert
+    return total.div_(len(experts))

@@ -5,6 +5,9 @@ A merge method is a pure tensor function on one tensor name at a time (mergekit'
     fn(base, experts, **hparams) -> merged        # float32, shape of the inputs
 
 with ``base`` = θ₀ (None for methods that need no base) and ``experts`` = [θ₁ … θ_T], all of one shape.
+``experts`` is any sequence: the driver passes one that reads each expert's tensor from its (lazy) state dict
+when it is accessed and keeps none, so a method that goes through it once, in order (:func:`iter_experts`,
+:func:`iter_task_vectors`), holds one expert tensor at a time and reads each once.
 Task vectors are τ_t = θ_t − θ₀, computed in float32 and optionally DARE-sparsified.
 
 A few methods need a statistic of the whole model before any tensor can be merged (TIES with global
@@ -15,7 +18,7 @@ trimming needs one magnitude threshold per task). They declare a ``prepare`` pas
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -26,8 +29,9 @@ from epmq.merge.dare import dare
 if TYPE_CHECKING:
     import torch
 
-    #: ``load(key) -> (base tensor or None, [expert tensors])``, validated, one key at a time.
-    Loader = Callable[[str], tuple[torch.Tensor | None, list[torch.Tensor]]]
+    #: ``load(key) -> (base tensor or None, expert tensors)``, validated, one key at a time; the experts are a
+    #: sequence the driver reads each tensor of on access (go through it once)
+    Loader = Callable[[str], tuple[torch.Tensor | None, Sequence[torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,35 @@ def check_experts(experts: Sequence[torch.Tensor], shape=None) -> None:
         check_shape(expert, shape, f"expert {t}")
 
 
+def iter_experts(experts: Sequence[torch.Tensor], shape=None) -> Iterator[torch.Tensor]:
+    """The experts in order, each checked to have ``shape`` (default: the first one's) as it comes: one pass
+    over ``experts``, so a sequence that reads each tensor on access (the driver's) holds one at a time."""
+    if len(experts) == 0:
+        raise EPMQError("experts: empty list, expected at least one expert tensor")
+    t = 0
+    for expert in experts:  # (enumerate() would keep the previous item alive while the next one is read)
+        shape = expert.shape if shape is None else shape
+        yield check_shape(expert, shape, f"expert {t}")
+        del expert
+        t += 1
+
+
+def iter_task_vectors(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], *, dare_p: float = 0.0, seed: int = 0
+) -> Iterator[torch.Tensor]:
+    """:func:`task_vectors` one at a time, in task order, in one pass over ``experts``."""
+    if base is None:
+        raise EPMQError("base: None, but task vectors need the pretrained tensor θ₀")
+    base = base.float()
+    t = 0
+    for expert in iter_experts(experts, base.shape):
+        tau = dare(expert.float() - base, dare_p, mix_seed(seed, t))
+        del expert
+        yield tau
+        del tau
+        t += 1
+
+
 def task_vectors(
     base: torch.Tensor, experts: Sequence[torch.Tensor], *, dare_p: float = 0.0, seed: int = 0
 ) -> list[torch.Tensor]:
@@ -81,11 +114,7 @@ def task_vectors(
 
     Task t's drop mask is drawn with seed ``mix_seed(seed, t)``.
     """
-    if base is None:
-        raise EPMQError("base: None, but task vectors need the pretrained tensor θ₀")
-    check_experts(experts, base.shape)
-    base = base.float()
-    return [dare(expert.float() - base, dare_p, mix_seed(seed, t)) for t, expert in enumerate(experts)]
+    return list(iter_task_vectors(base, experts, dare_p=dare_p, seed=seed))
 
 
 def check_choice(value, name: str, choices: Sequence[str]) -> str:

@@ -1,9 +1,13 @@
 """Merge whole state dicts, streaming one tensor name at a time, and merge .safetensors files.
 
-:func:`merge_state_dicts` applies a registered tensor function (:data:`epmq.merge.METHODS`) key by key.
-``base`` and the experts are any ``Mapping[str, Tensor]``, possibly lazy (:func:`lazy_state_dict`): the
-driver only calls ``keys()`` and ``[key]``, and holds at most one key's T + 1 tensors (plus the merged
-output) at a time, never T full models.
+:func:`merge_stream` applies a registered tensor function (:data:`epmq.merge.METHODS`) key by key and hands
+the merged tensors over one at a time; :func:`merge_state_dicts` collects them into a dict and
+:func:`merge_files` writes them to a .safetensors file as they come. ``base`` and the experts are any
+``Mapping[str, Tensor]``, possibly lazy (:func:`lazy_state_dict`): the driver only calls ``keys()`` and
+``[key]``, and reads an expert's tensor only when the method reaches it (:class:`_KeyExperts`). Per key it
+holds the base tensor, the expert tensor being read and what the method keeps -- task arithmetic and
+averaging a float32 sum, TIES one (T, n) float32 buffer of task vectors -- never T full models. Streamed to a
+file, peak memory is about T + 3 tensors of the largest key (TIES), 4 (task arithmetic).
 
 Per key:
 
@@ -24,7 +28,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,6 +130,15 @@ class SafetensorsStateDict(Mapping):
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
 
+    def describe(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """``(dtype, shape)`` of tensor ``key``, from the header (nothing is read)."""
+        import torch
+
+        if key not in self._entries:
+            raise KeyError(key)
+        torch_name, shape, _, _ = self._entries[key]
+        return getattr(torch, torch_name), shape
+
     def __len__(self) -> int:
         return len(self._keys)
 
@@ -189,6 +201,130 @@ def _check_keys(reference: StateDict, ref_name: str, experts: Sequence[StateDict
     return keys
 
 
+class _KeyExperts(Sequence):
+    """The experts' tensors of one key, each read from its state dict when accessed, checked against the
+    reference's dtype and shape and for finiteness, and not kept: a method that goes through it once holds
+    one expert tensor at a time (and a lazy state dict reads each once)."""
+
+    def __init__(self, experts: Sequence[StateDict], key: str, dtype, shape, ref_name: str):
+        self._experts, self._key, self._dtype, self._shape, self._ref_name = experts, key, dtype, shape, ref_name
+
+    def __len__(self) -> int:
+        return len(self._experts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self._experts)
+        if not -n <= i < n:
+            raise IndexError(i)
+        i %= n
+        tensor = self._experts[i][self._key]
+        if tuple(tensor.shape) != self._shape or tensor.dtype != self._dtype:
+            raise EPMQError(
+                f"{self._key}: expert {i} has {tuple(tensor.shape)} {tensor.dtype}, "
+                f"{self._ref_name} has {self._shape} {self._dtype}"
+            )
+        return check_finite(tensor, f"{self._key} (expert {i})")
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in range(len(self._experts)):
+            tensor = self[i]
+            yield tensor
+            del tensor  # released before the next one is read
+
+
+def _describe(state_dict: StateDict, key: str) -> tuple[Any, tuple[int, ...]]:
+    """(dtype, shape) of one tensor: from a lazy state dict's ``describe(key)`` when it has one (nothing is
+    read: :class:`SafetensorsStateDict` answers from the file's header), else from the tensor."""
+    describe = getattr(state_dict, "describe", None)
+    if callable(describe):
+        dtype, shape = describe(key)
+        return dtype, tuple(shape)
+    tensor = state_dict[key]
+    return tensor.dtype, tuple(tensor.shape)
+
+
+class MergeStream:
+    """One merge, checked and ready to run tensor by tensor (:func:`merge_stream`).
+
+    Attributes:
+        method: the :class:`MergeMethod`.
+        hparams: its full hyperparameters (before a ``prepare`` pass adds internal ones).
+        layout: every output key, in the reference's key order, with its ``(dtype, shape)`` -- the merged
+            tensors have the reference's (base's, or expert 0's) dtypes and shapes -- e.g. for
+            :class:`epmq.io.SafetensorsStream`.
+        merge_keys: the keys the method merges; the others are copied from the reference.
+    """
+
+    def __init__(self, base, experts, method, exclude, hparams):
+        self.method, self.hparams = resolve_hparams(method, hparams)
+        self._experts = list(experts)
+        if not self._experts:
+            raise EPMQError("experts: empty list, expected at least one expert state dict")
+        if base is None and self.method.needs_base:
+            raise EPMQError(f"base: None, but {self.method.name} needs the pretrained model θ₀")
+        self._base = base
+        self._reference, self._ref_name = (base, "base") if base is not None else (self._experts[0], "expert 0")
+        keys = _check_keys(self._reference, self._ref_name, self._experts)
+        self.layout = {key: _describe(self._reference, key) for key in keys}
+        patterns = _compile(exclude)
+        self.merge_keys = [key for key in keys
+                           if not any(p.search(key) for p in patterns) and self.layout[key][0].is_floating_point]
+        if not self.merge_keys:
+            raise EPMQError(f"exclude={exclude!r}: every key of {self._ref_name} is excluded, nothing to merge")
+        self._prepared = None
+
+    def load(self, key: str) -> tuple[torch.Tensor | None, _KeyExperts]:
+        """The finite base tensor (None without a base) and the experts' tensors of one merged key, the latter
+        read and checked on access (:class:`_KeyExperts`)."""
+        dtype, shape = self.layout[key]
+        experts = _KeyExperts(self._experts, key, dtype, shape, self._ref_name)
+        if self._base is None:
+            return None, experts
+        return check_finite(self._base[key], f"{key} (base)"), experts
+
+    def tensors(self, order: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(key, merged tensor)`` for every key of :attr:`layout`, in ``order`` (default: the layout's),
+        one at a time; the method's ``prepare`` pass runs first (once per stream). Nothing is kept between
+        keys: a consumer that writes each tensor away holds one key's tensors at a time."""
+        from tqdm import tqdm
+
+        keys = list(self.layout) if order is None else list(order)
+        if sorted(keys) != sorted(self.layout):
+            raise EPMQError("order: not a permutation of the merged model's keys")
+        if self._prepared is None:
+            prepare = self.method.prepare
+            self._prepared = prepare(self.load, self.merge_keys, self.hparams) if prepare else self.hparams
+        hp = self._prepared
+        to_merge = set(self.merge_keys)
+        for key in tqdm(keys, desc=f"merge ({self.method.name})", unit="tensor", disable=None):
+            if key not in to_merge:
+                yield key, self._reference[key].clone()
+                continue
+            base_tensor, expert_tensors = self.load(key)
+            tensor_hp = {**hp, "seed": mix_seed(hp["seed"], key)} if "seed" in hp else hp
+            merged = self.method.fn(base_tensor, expert_tensors, **tensor_hp).to(self.layout[key][0])
+            del base_tensor, expert_tensors
+            yield key, merged
+            del merged
+
+
+def merge_stream(
+    base: StateDict | None,
+    experts: Sequence[StateDict],
+    method: str | MergeMethod,
+    *,
+    exclude: Sequence[str] | str = DEFAULT_EXCLUDE,
+    **hparams,
+) -> MergeStream:
+    """Check a merge of ``experts`` (fine-tuned from ``base``) with ``method`` and return it as a
+    :class:`MergeStream`: its :attr:`~MergeStream.layout` is known before any tensor is read, and
+    :meth:`~MergeStream.tensors` yields the merged tensors one key at a time. Arguments as for
+    :func:`merge_state_dicts`, of which this is the streaming form (same tensors, bit for bit)."""
+    return MergeStream(base, experts, method, exclude, hparams)
+
+
 def merge_state_dicts(
     base: StateDict | None,
     experts: Sequence[StateDict],
@@ -200,53 +336,10 @@ def merge_state_dicts(
     """Merge ``experts`` (fine-tuned from ``base``) with ``method``; returns the merged state dict.
 
     ``hparams`` override the method's defaults (``METHODS[method].defaults``). ``base`` may be None only
-    for methods with ``needs_base=False`` (``"average"``); excluded keys then come from expert 0.
+    for methods with ``needs_base=False`` (``"average"``); excluded keys then come from expert 0. The whole
+    result is in memory: :func:`merge_stream` / :func:`merge_files` hand it over tensor by tensor.
     """
-    from tqdm import tqdm
-
-    spec, hp = resolve_hparams(method, hparams)
-    experts = list(experts)
-    if not experts:
-        raise EPMQError("experts: empty list, expected at least one expert state dict")
-    if base is None and spec.needs_base:
-        raise EPMQError(f"base: None, but {spec.name} needs the pretrained model θ₀")
-    reference, ref_name = (base, "base") if base is not None else (experts[0], "expert 0")
-    keys = _check_keys(reference, ref_name, experts)
-    patterns = _compile(exclude)
-    merge_keys = [
-        key for key in keys if not any(p.search(key) for p in patterns) and reference[key].is_floating_point()
-    ]
-    if not merge_keys:
-        raise EPMQError(f"exclude={exclude!r}: every key of {ref_name} is excluded, nothing to merge")
-
-    def load(key: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """The validated base and expert tensors of one merged key."""
-        tensors = [expert[key] for expert in experts]
-        ref = reference[key] if base is not None else tensors[0]
-        for i, tensor in enumerate(tensors):
-            if tensor.shape != ref.shape or tensor.dtype != ref.dtype:
-                raise EPMQError(
-                    f"{key}: expert {i} has {tuple(tensor.shape)} {tensor.dtype}, "
-                    f"{ref_name} has {tuple(ref.shape)} {ref.dtype}"
-                )
-            check_finite(tensor, f"{key} (expert {i})")
-        if base is None:
-            return None, tensors
-        check_finite(ref, f"{key} (base)")
-        return ref, tensors
-
-    if spec.prepare is not None:
-        hp = spec.prepare(load, merge_keys, hp)
-    to_merge = set(merge_keys)
-    merged = {}
-    for key in tqdm(keys, desc=f"merge ({spec.name})", unit="tensor", disable=None):
-        if key not in to_merge:
-            merged[key] = reference[key].clone()
-            continue
-        base_tensor, expert_tensors = load(key)
-        tensor_hp = {**hp, "seed": mix_seed(hp["seed"], key)} if "seed" in hp else hp
-        merged[key] = spec.fn(base_tensor, expert_tensors, **tensor_hp).to(expert_tensors[0].dtype)
-    return merged
+    return dict(merge_stream(base, experts, method, exclude=exclude, **hparams).tensors())
 
 
 def merge_files(
@@ -258,28 +351,22 @@ def merge_files(
     exclude: Sequence[str] | str = DEFAULT_EXCLUDE,
     **hparams,
 ) -> Path:
-    """Merge .safetensors checkpoints into ``out_path``, written atomically (temp file + ``os.replace``).
+    """Merge .safetensors checkpoints into ``out_path``, streamed: the inputs are read and the output written
+    tensor by tensor (:class:`epmq.io.SafetensorsStream`: temp file, fsync, ``os.replace``), so memory holds
+    one key's tensors, never a whole model.
 
     The output's metadata records the method, its full hyperparameters and the exclude patterns (JSON).
     """
-    from safetensors.torch import save_file
+    from epmq.io import SafetensorsStream
 
-    spec, hp = resolve_hparams(method, hparams)
     base = lazy_state_dict(base_path) if base_path is not None else None
-    merged = merge_state_dicts(base, [lazy_state_dict(p) for p in expert_paths], spec, exclude=exclude, **hparams)
+    stream = merge_stream(base, [lazy_state_dict(p) for p in expert_paths], method, exclude=exclude, **hparams)
     metadata = {
-        "epmq.merge.method": spec.name,
-        "epmq.merge.hparams": json.dumps(hp, sort_keys=True),
+        "epmq.merge.method": stream.method.name,
+        "epmq.merge.hparams": json.dumps(stream.hparams, sort_keys=True),
         "epmq.merge.exclude": json.dumps([exclude] if isinstance(exclude, str) else list(exclude)),
     }
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({key: tensor.contiguous() for key, tensor in merged.items()}, tmp, metadata=metadata)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out_path
+    with SafetensorsStream(out_path, stream.layout, metadata) as writer:
+        for key, tensor in stream.tensors(order=writer.order):
+            writer.write(key, tensor)
+    return Path(out_path)

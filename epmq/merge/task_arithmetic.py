@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from epmq.merge.base import task_vectors
+from epmq.merge.base import iter_task_vectors
 
 if TYPE_CHECKING:
     import torch
@@ -25,9 +25,15 @@ def task_arithmetic(
     dare_p: float = 0.0,
     seed: int = 0,
 ) -> torch.Tensor:
-    """θ₀ + λ Σ_t τ_t in float32 (τ_t DARE-sparsified when ``dare_p > 0``)."""
-    taus = task_vectors(base, experts, dare_p=dare_p, seed=seed)
-    total = taus[0].clone()
-    for tau in taus[1:]:
-        total += tau
-    return base.float() + lam * total
+    """θ₀ + λ Σ_t τ_t in float32 (τ_t DARE-sparsified when ``dare_p > 0``).
+
+    One pass over ``experts``, summing each τ_t as it is formed (in task order, as a sum over the list of
+    task vectors would): two float32 tensors besides the inputs."""
+    total = None
+    for tau in iter_task_vectors(base, experts, dare_p=dare_p, seed=seed):
+        if total is None:
+            total = tau  # a fresh tensor: θ_1 − θ₀ (or its DARE-sparsified copy)
+        else:
+            total += tau
+        del tau
+    return total.mul_(lam).add_(base.float())  # = θ₀ + λ Σ τ bit for bit (IEEE addition commutes)

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from epmq.errors import EPMQError
-from epmq.merge.base import check_choice, mix_seed, task_vectors
+from epmq.merge.base import check_choice, iter_task_vectors, mix_seed
 
 if TYPE_CHECKING:
     import torch
@@ -80,30 +80,54 @@ def ties(
 
     check_choice(merge_func, "merge_func", MERGE_FUNCS)
     check_choice(trim_scope, "trim_scope", TRIM_SCOPES)
-    taus = torch.stack(task_vectors(base, experts, dare_p=dare_p, seed=seed)).reshape(len(experts), -1)
-    magnitude = taus.abs()
+    n_tasks = len(experts)
     if trim_scope == "tensor":
         if thresholds is not None:
             raise EPMQError("thresholds: only used with trim_scope='global', got trim_scope='tensor'")
-        rank = trim_rank(taus.shape[1], k)
-        cut = magnitude.kthvalue(rank, dim=1, keepdim=True).values if rank else torch.zeros_like(magnitude[:, :1])
     else:
         check_k(k)
-        if thresholds is None or len(thresholds) != len(experts):
+        if thresholds is None or len(thresholds) != n_tasks:
             raise EPMQError(
                 f"thresholds={thresholds!r}: trim_scope='global' needs one threshold per expert "
-                f"({len(experts)}) from global_thresholds(); merge_state_dicts computes them"
+                f"({n_tasks}) from global_thresholds(); merge_state_dicts computes them"
             )
-        cut = torch.tensor(thresholds, dtype=torch.float32, device=taus.device).reshape(-1, 1)
-    trimmed = taus * (magnitude >= cut)
+    # One (T, n) float32 buffer, filled by one pass over the experts and then trimmed and masked row by row
+    # in place: T + a few tensors of this key's size, not ~5 T. Every step is the elementwise operation (or,
+    # for the sums over tasks, the same reduction over the same (T, n) tensor) of the vectorised form
+    #   trimmed = τ · [|τ| ≥ c];  γ = sign(Σ_t trimmed);  merged = Σ_t trimmed · agree,
+    # so the result is that form's bit for bit.
+    taus, t = None, 0
+    for tau in iter_task_vectors(base, experts, dare_p=dare_p, seed=seed):
+        if taus is None:
+            taus = torch.empty((n_tasks, tau.numel()), dtype=torch.float32, device=tau.device)
+        taus[t] = tau.reshape(-1)
+        del tau
+        t += 1
+    if trim_scope == "tensor":
+        rank = trim_rank(taus.shape[1], k)
+        cut = [row.abs().kthvalue(rank).values if rank else None for row in taus]
+    else:
+        cut = torch.tensor(thresholds, dtype=torch.float32, device=taus.device)
+    for t, row in enumerate(taus):  # trim
+        if cut[t] is not None:
+            row.mul_(row.abs() >= cut[t])
 
-    elected = torch.sign(trimmed.sum(dim=0))
+    elected = torch.sign(taus.sum(dim=0))
     elected[elected == 0] = 1.0 if elected.sum() >= 0 else -1.0
-    agree = torch.where(elected > 0, trimmed > 0, trimmed < 0)
-    merged = (trimmed * agree).sum(dim=0)
-    if merge_func == "mean":
-        merged /= agree.sum(dim=0).clamp(min=1)
-    return base.float() + lam * merged.reshape(base.shape)
+    positive = elected > 0
+    del elected
+    count = torch.zeros(taus.shape[1], dtype=torch.int64, device=taus.device) if merge_func == "mean" else None
+    for row in taus:  # disjoint: keep the entries that agree with the elected sign
+        agree = torch.where(positive, row > 0, row < 0)
+        row.mul_(agree)
+        if count is not None:
+            count += agree
+        del agree
+    merged = taus.sum(dim=0)
+    del taus
+    if count is not None:
+        merged /= count.clamp(min=1)
+    return merged.mul_(lam).reshape(base.shape).add_(base.float())  # = θ₀ + λ τ_m bit for bit
 
 
 def global_thresholds(
@@ -115,7 +139,7 @@ def global_thresholds(
     |τ| ≥ 0, so its float32 bit pattern, read as an int32, sorts like its value. Pass 1 histograms the high 16
     bits of every entry (2¹⁵ buckets, the sign bit being 0) and locates the bucket holding rank r; pass 2
     histograms the low 16 bits of the entries in that bucket, which pins the exact value. Memory is
-    O(T · 2¹⁶) counts plus one tensor's T task vectors; every tensor is read twice. ``load(key)`` returns
+    O(T · 2¹⁶) counts plus one task vector at a time; every tensor is read twice. ``load(key)`` returns
     the (base, experts) tensors of one key; ``seed`` is re-derived per key exactly as the driver does for
     :func:`ties`, so DARE draws the same masks here and in the merge.
     """
@@ -123,11 +147,19 @@ def global_thresholds(
     from tqdm import tqdm
 
     def abs_bits(desc: str):
-        """Per key, a generator of the T flattened int32 bit patterns of |τ_t|, one task at a time."""
+        """Per key, a generator of the T flattened int32 bit patterns of |τ_t|, one task at a time (each
+        released before the next task vector is formed)."""
         for key in tqdm(keys, desc=desc, unit="tensor", disable=None):
             base, experts = load(key)
-            taus = task_vectors(base, experts, dare_p=dare_p, seed=mix_seed(seed, key))
-            yield (tau.abs().flatten().view(torch.int32) for tau in taus)
+            yield one_by_one(iter_task_vectors(base, experts, dare_p=dare_p, seed=mix_seed(seed, key)))
+            del base, experts
+
+    def one_by_one(taus):
+        for tau in taus:
+            bits = tau.abs().flatten().view(torch.int32)
+            del tau
+            yield bits
+            del bits
 
     def locate(counts: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row, the bin holding the ``ranks``-th smallest entry and the number of entries in lower bins."""
@@ -138,7 +170,11 @@ def global_thresholds(
     check_k(k)
     high = None
     for per_task in abs_bits("ties: global trim, pass 1/2"):
-        counts = torch.stack([torch.bincount(bits >> 16, minlength=1 << 15) for bits in per_task])
+        counts = []
+        for bits in per_task:
+            counts.append(torch.bincount(bits >> 16, minlength=1 << 15))
+            del bits
+        counts = torch.stack(counts)
         high = counts if high is None else high + counts
     if high is None:
         raise EPMQError("keys: no tensor to merge, so there is no task vector to trim")
@@ -150,8 +186,11 @@ def global_thresholds(
 
     low = high.new_zeros(n_tasks, 1 << 16)
     for per_task in abs_bits("ties: global trim, pass 2/2"):
-        for t, bits in enumerate(per_task):
+        t = 0
+        for bits in per_task:
             low[t] += torch.bincount(bits[(bits >> 16) == bucket[t]] & 0xFFFF, minlength=1 << 16)
+            del bits
+            t += 1
     offset, _ = locate(low, ranks - below)
     return ((bucket << 16) | offset).to(torch.int32).view(torch.float32).tolist()
 
