@@ -190,49 +190,93 @@ def _candidates(select: dict) -> list[dict]:
 
 def merge(spec: dict, merge_id: str, method: str, params: dict, select: dict, out) -> dict:
     """Merge the suite's experts; pick ``select``'s hyperparameters by mean *validation* accuracy (ties: the
-    first candidate in order); write the merged encoder and a JSON record beside it."""
-    from epmq.merge import merge_state_dicts
+    first candidate in order); write the merged encoder and a JSON record beside it.
+
+    Streamed: the base and the experts are read tensor by tensor from their files (never whole), and each
+    candidate's merged tensors go straight to a temp file as they come -- and, when there are candidates to
+    compare, into the one encoder being evaluated. The job holds one key's tensors (about T + 3 of the
+    largest) plus, while selecting, that one encoder; the best candidate's file is renamed to ``out``, the
+    others are deleted. The file is byte for byte what saving the whole merged state dict wrote."""
+    from epmq.io import SafetensorsStream
+    from epmq.merge import merge_stream
     from epmq.merge.registry import get_method
 
     t0 = time.perf_counter()
     suite = open_suite(spec)
-    base = _load_sd(suite.base_path)
-    experts = [_load_sd(suite.expert_path(t)) for t in suite.tasks]
+    base = _lazy_sd(suite.base_path)
+    experts = [_lazy_sd(suite.expert_path(t)) for t in suite.tasks]
     trials = []
-    best = None
+    best = None  # (trial, its finished temp file)
     candidates = _candidates(select)
     # a suite may merge other keys than the default (t5-glue merges lm_head too, as FusionBench does)
     extra = {"exclude": suite.merge_exclude} if getattr(suite, "merge_exclude", None) is not None else {}
-    for cand in candidates:
-        sd = merge_state_dicts(base, experts, method, **extra, **{**params, **cand})
-        trial = {"params": cand}
-        if len(candidates) > 1:
-            recs = suite.evaluate_all(_encoder(suite, sd), split="validation")
-            recs = recs.get("tasks", recs)
-            trial["validation"] = {t: r["accuracy"] for t, r in recs.items()}
-            trial["validation_mean"] = sum(trial["validation"].values()) / len(recs)
-        trials.append(trial)
-        if best is None or trial.get("validation_mean", 0) > best[0].get("validation_mean", 0):
-            best = (trial, sd)
-    chosen = {**params, **best[0]["params"]}
-    record = {"merge": merge_id, "method": method, "params": chosen,
-              "resolved_params": {**get_method(method).defaults, **chosen}, "selected_on": "validation",
-              "trials": trials, "seconds": time.perf_counter() - t0, "tasks": list(suite.tasks)}
     out = Path(out)
-    save_safetensors_atomic(out, best[1], metadata={"epmq_merge": json.dumps(record["params"])})
+    try:
+        for cand in candidates:
+            chosen = {**params, **cand}
+            stream = merge_stream(base, experts, method, **extra, **chosen)
+            writer = SafetensorsStream(out, stream.layout, metadata={"epmq_merge": json.dumps(chosen)})
+            trial = {"params": cand}
+            try:
+                if len(candidates) > 1:
+                    recs = suite.evaluate_all(_merged_encoder(suite, stream, writer), split="validation")
+                    recs = recs.get("tasks", recs)
+                    trial["validation"] = {t: r["accuracy"] for t, r in recs.items()}
+                    trial["validation_mean"] = sum(trial["validation"].values()) / len(recs)
+                else:
+                    for key, tensor in stream.tensors(order=writer.order):
+                        writer.write(key, tensor)
+                writer.finish()
+            except BaseException:
+                writer.discard()
+                raise
+            trials.append(trial)
+            if best is None or trial.get("validation_mean", 0) > best[0].get("validation_mean", 0):
+                if best is not None:
+                    best[1].discard()
+                best = (trial, writer)
+            else:
+                writer.discard()
+        chosen = {**params, **best[0]["params"]}
+        record = {"merge": merge_id, "method": method, "params": chosen,
+                  "resolved_params": {**get_method(method).defaults, **chosen}, "selected_on": "validation",
+                  "trials": trials, "seconds": time.perf_counter() - t0, "tasks": list(suite.tasks)}
+        best[1].commit()
+    except BaseException:
+        if best is not None:
+            best[1].discard()
+        raise
     write_json_atomic(out.with_suffix(".json"), record)
     return record
 
 
-def _encoder(suite, sd):
+def _lazy_sd(path):
+    """A checkpoint as a lazy state dict (:func:`epmq.merge.lazy_state_dict`): tensors read on access."""
+    from epmq.merge import lazy_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise EPMQError(f"{path}: missing (run the stage that builds it first)")
+    return lazy_state_dict(path)
+
+
+def _merged_encoder(suite, stream, writer):
+    """A new encoder holding ``stream``'s merged tensors, each also written to ``writer`` as it comes: one
+    model in memory, not a merged state dict and a model. Each tensor goes in through ``load_state_dict``
+    (non-strict, one key at a time), so loading is what loading the whole state dict did."""
     from epmq.models.sources import tied_aliases
 
     enc = suite.new_encoder()
-    missing, unexpected = enc.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k not in tied_aliases(enc)]  # tied copies (T5's embed_tokens) are loaded
+    have = set(enc.state_dict())
+    missing = [k for k in have if k not in stream.layout and k not in tied_aliases(enc)]  # tied copies are loaded
+    unexpected = [k for k in stream.layout if k not in have]
     if missing or unexpected:
         raise EPMQError(f"{suite.name}: merged state dict mismatch (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]})")
+    for key, tensor in stream.tensors(order=writer.order):
+        writer.write(key, tensor)
+        enc.load_state_dict({key: tensor}, strict=False)
+        del tensor
     return enc.eval()
 
 
