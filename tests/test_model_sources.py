@@ -276,6 +276,100 @@ def test_missing_and_fake_hub_cache(tmp_path):
         S.resolve("acme/partial", cache_dir=cache)
 
 
+# --------------------------------------------------------------------------------------------- revisions
+
+SHA_A = "a" * 40
+SHA_B = "b" * 40
+
+
+def test_revision_helpers():
+    assert S.is_commit(SHA_A) and not S.is_commit("main") and not S.is_commit("A" * 40) and not S.is_commit(None)
+    for ok in (SHA_A, "main", "v1.0", "refs/pr/3"):
+        assert S.check_revision(ok, "x") == ok
+    for bad in ("", "a b", "../x", "-x", None, 3):
+        with pytest.raises(EPMQError, match=r"^who: revision .*40-hex commit SHA or a branch / tag name$"):
+            S.check_revision(bad, "who")
+    assert S.snapshot_revision("/c/models--a--b/snapshots/" + SHA_A) == SHA_A
+    assert S.snapshot_revision("/somewhere/model") is None
+
+
+def test_resolve_passes_the_revision_to_snapshot_download_and_refuses_another_commit(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+    gives = {"commit": SHA_A}
+
+    def fake_snapshot_download(repo_id, **kw):
+        calls.append((repo_id, kw))
+        return str(_fake_snapshot_at(tmp_path / f"hub{len(calls)}", repo_id, gives["commit"]))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert S.resolve("acme/pinned", revision=SHA_A).name == SHA_A
+    assert [kw["revision"] for _, kw in calls] == [SHA_A]
+    assert S.resolve("acme/pinned", revision="main").name == SHA_A  # a branch: whatever commit it is at
+    assert calls[-1][1]["revision"] == "main"
+    assert S.resolve("acme/pinned").name == SHA_A and calls[-1][1]["revision"] is None  # unpinned
+    gives["commit"] = SHA_B  # the cache hands over another commit than the pinned one: refused, naming the model
+    with pytest.raises(EPMQError, match=rf"^hub model 'acme/pinned' is pinned to revision {SHA_A} but the HF cache "
+                                        rf"gave snapshot {SHA_B} .*hf download acme/pinned --revision {SHA_A}"):
+        S.resolve("acme/pinned", revision=SHA_A)
+    with pytest.raises(EPMQError, match="hub model 'acme/pinned': revision 'no good'"):
+        S.resolve("acme/pinned", revision="no good")
+
+
+def _fake_snapshot_at(cache, hub_id, commit, ref="main"):
+    repo = cache / ("models--" + hub_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    write_json_atomic(snap / "config.json", {"model_type": "clip_vision_model"})
+    save_safetensors_atomic(snap / "model.safetensors", {"w": torch.ones(1)})
+    return snap
+
+
+def test_pinned_revision_in_a_real_offline_cache(tmp_path):
+    cache = tmp_path / "hub"
+    snap_a = _fake_snapshot_at(cache, "acme/m", SHA_A)  # refs/main -> A
+    snap_b = _fake_snapshot_at(cache, "acme/m", SHA_B, ref="v2")  # tag v2 -> B, also cached
+    assert S.resolve("acme/m", cache_dir=cache) == snap_a
+    assert S.resolve("acme/m", revision=SHA_B, cache_dir=cache) == snap_b
+    assert S.resolve("acme/m", revision="v2", cache_dir=cache) == snap_b
+    absent = "c" * 40
+    with pytest.raises(EPMQError, match=rf"^hub model 'acme/m' at revision '{absent}' not in the local HF cache"):
+        S.resolve("acme/m", revision=absent, cache_dir=cache)
+    assert S.missing(["acme/m", "acme/m2"], revision={"acme/m": absent}, cache_dir=cache) == ["acme/m", "acme/m2"]
+    assert S.missing(["acme/m"], revision={"acme/m": SHA_B}, cache_dir=cache) == []
+    assert S.missing(["acme/m"], revision=SHA_A, cache_dir=cache) == []
+
+
+def test_hub_commit_asks_the_hub_at_the_revision(monkeypatch):
+    import huggingface_hub
+
+    asked = []
+
+    class Info:
+        sha = SHA_A
+
+    def model_info(self, repo_id, revision=None, **kw):
+        asked.append(("model", repo_id, revision))
+        return Info()
+
+    def dataset_info(self, repo_id, revision=None, **kw):
+        asked.append(("dataset", repo_id, revision))
+        if repo_id == "acme/offline":
+            raise ConnectionError("no network")
+        return Info()
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
+    assert S.hub_commit("acme/m", "main") == SHA_A
+    assert S.hub_commit("acme/d", "v1", repo_type="dataset") == SHA_A
+    assert asked == [("model", "acme/m", "main"), ("dataset", "acme/d", "v1")]
+    with pytest.raises(EPMQError, match=r"^hub dataset 'acme/offline' at revision 'main': cannot ask .*internet$"):
+        S.hub_commit("acme/offline", repo_type="dataset")
+
+
 # --------------------------------------------------------------------------------------------- open_clip
 
 TINY_VISION_CFG = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16}

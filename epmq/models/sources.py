@@ -2,7 +2,10 @@
 FLAN-T5 loaders the online settings use (see ``design/DATA.md``, "Online").
 
 * :func:`resolve` turns a local folder or a hub id (``openai/clip-vit-base-patch32``) into a folder, through
-  the Hugging Face cache; :func:`missing` lists the sources that are not available offline, all at once.
+  the Hugging Face cache, at a pinned ``revision`` (a commit, or a branch / tag); :func:`missing` lists the
+  sources that are not available offline, all at once. :func:`snapshot_revision` reads the commit a cache
+  snapshot holds, :func:`check_revision` validates a pin, :func:`hub_commit` asks the hub (online) which
+  commit a branch or tag is at.
 * :func:`load_state_dict` reads safetensors (single file, folder, sharded index) and ``.pt/.bin/.pth`` only
   through ``torch.load(weights_only=True)``: no checkpoint ever runs pickled code.
 * :func:`clip_vision_keys` maps the state dict of a ``CLIPVisionModel`` (either transformers layout) or a
@@ -50,6 +53,30 @@ BIN_IGNORED = ("training_args.bin", "optimizer*", "scheduler*", "rng_state*")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
+#: a hub revision pinned to one commit: its full 40-hex SHA-1 (what ``snapshots/<commit>`` folders are named)
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+#: any revision the hub takes: a commit, a branch or a tag (``main``, ``v1.0``, ``refs/pr/3``)
+REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+
+
+def is_commit(revision) -> bool:
+    """Whether ``revision`` pins one commit (a full 40-hex SHA), not a branch or tag that can move."""
+    return isinstance(revision, str) and bool(COMMIT.match(revision))
+
+
+def check_revision(revision, who: str) -> str:
+    """``revision`` if it is a commit SHA or a branch / tag name, else :class:`EPMQError` naming ``who``."""
+    if not isinstance(revision, str) or not REVISION.match(revision) or ".." in revision:
+        raise EPMQError(f"{who}: revision {revision!r}: expected a 40-hex commit SHA or a branch / tag name")
+    return revision
+
+
+def snapshot_revision(folder) -> str | None:
+    """The commit of an HF-cache snapshot folder (``.../snapshots/<commit>``); None for any other folder."""
+    folder = Path(folder)
+    return folder.name if folder.parent.name == "snapshots" else None
+
+
 def is_hub_id(source: str) -> bool:
     """Whether ``source`` has the form of a hub model id ``owner/name`` (it may still be absent)."""
     return bool(HUB_ID.match(str(source))) and not str(source).startswith(".")
@@ -67,10 +94,11 @@ def _offline() -> bool:
         return False
 
 
-def _fetch_hint(hub_id: str) -> str:
+def _fetch_hint(hub_id: str, revision=None) -> str:
+    rev = f" --revision {revision}" if revision else ""
     return (
-        f"fetch it on a machine with internet (`hf download {hub_id}`, formerly `huggingface-cli download`, or "
-        "run the workflow's download rule there) and copy the HF cache over, or pass a local folder instead"
+        f"fetch it on a machine with internet (`hf download {hub_id}{rev}`, formerly `huggingface-cli download`, "
+        "or run the workflow's download rule there) and copy the HF cache over, or pass a local folder instead"
     )
 
 
@@ -114,17 +142,29 @@ def _snapshot(hub_id, *, allow_patterns, ignore_patterns, revision, cache_dir, l
     except Exception as e:  # not found, gated, offline, network: all end in the same advice
         why = (str(e).strip().splitlines() or [""])[0][:200]
         where = "not in the local HF cache (offline)" if local_only else "could not be downloaded"
-        raise EPMQError(f"hub model '{hub_id}' {where} ({type(e).__name__}: {why}); {_fetch_hint(hub_id)}") from e
-    return Path(path)
+        at = f" at revision '{revision}'" if revision else ""
+        raise EPMQError(
+            f"hub model '{hub_id}'{at} {where} ({type(e).__name__}: {why}); {_fetch_hint(hub_id, revision)}"
+        ) from e
+    path = Path(path)
+    got = snapshot_revision(path)
+    if is_commit(revision) and got != revision:  # a pin is never silently replaced by another snapshot
+        raise EPMQError(
+            f"hub model '{hub_id}' is pinned to revision {revision} but the HF cache gave snapshot "
+            f"{got or path} (another revision); {_fetch_hint(hub_id, revision)}"
+        )
+    return path
 
 
 def resolve(source, *, allow_patterns=None, revision=None, cache_dir=None, local_files_only=None) -> Path:
     """A local folder/file (returned as is) or the HF-cache snapshot folder of hub id ``source``.
 
-    Hub ids go through ``huggingface_hub.snapshot_download`` (cached, resumable), fetching
-    :data:`DEFAULT_PATTERNS` (configs, safetensors, tokenizer files) and ``*.bin`` only when the repository
-    has no safetensors; ``.py`` files never. Offline (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``) only
-    the cache is consulted. Anything missing raises :class:`EPMQError` naming the id and how to fetch it.
+    Hub ids go through ``huggingface_hub.snapshot_download`` (cached, resumable) at ``revision`` (None: the
+    default branch), fetching :data:`DEFAULT_PATTERNS` (configs, safetensors, tokenizer files) and ``*.bin`` only
+    when the repository has no safetensors; ``.py`` files never. Offline (``HF_HUB_OFFLINE=1`` or
+    ``local_files_only=True``) only the cache is consulted. Anything missing raises :class:`EPMQError` naming the
+    id and how to fetch it; so does a snapshot whose commit is not the pinned one (``revision`` a commit SHA).
+    The commit a snapshot holds is :func:`snapshot_revision` of the returned folder.
     """
     source = str(source)
     local = Path(source).expanduser()
@@ -132,6 +172,8 @@ def resolve(source, *, allow_patterns=None, revision=None, cache_dir=None, local
         return local
     if not is_hub_id(source):
         raise EPMQError(f"model source '{source}' is neither an existing path nor a hub id of the form owner/name")
+    if revision is not None:
+        check_revision(revision, f"hub model '{source}'")
     local_only = _offline() if local_files_only is None else bool(local_files_only)
     kw = {"revision": revision, "cache_dir": cache_dir, "local_only": local_only}
     if allow_patterns is not None:
@@ -146,17 +188,40 @@ def resolve(source, *, allow_patterns=None, revision=None, cache_dir=None, local
 
 
 def missing(sources, *, revision=None, cache_dir=None) -> list[str]:
-    """The sources (in order, without repeats) that are neither existing local paths nor complete in the HF cache.
+    """The sources (in order, without repeats) that are neither existing local paths nor complete in the HF cache
+    (at their revision: ``revision`` is one for all, or a mapping source -> revision; absent = default branch).
 
     Never touches the network, so a workflow can fail fast listing everything that still has to be fetched.
     """
     out = []
     for source in dict.fromkeys(str(s) for s in sources):
+        rev = revision.get(source) if isinstance(revision, Mapping) else revision
         try:
-            resolve(source, revision=revision, cache_dir=cache_dir, local_files_only=True)
+            resolve(source, revision=rev, cache_dir=cache_dir, local_files_only=True)
         except EPMQError:
             out.append(source)
     return out
+
+
+def hub_commit(repo_id: str, revision: str = "main", *, repo_type: str = "model") -> str:
+    """The commit SHA that ``revision`` (a branch, tag or commit) of hub repository ``repo_id`` is at now
+    (``repo_type`` ``model`` or ``dataset``). Needs the network; any failure is one :class:`EPMQError` line."""
+    from huggingface_hub import HfApi
+
+    if repo_type not in ("model", "dataset"):
+        raise EPMQError(f"hub_commit: repo_type={repo_type!r}: expected 'model' or 'dataset'")
+    check_revision(revision, f"hub {repo_type} '{repo_id}'")
+    api = HfApi()
+    try:
+        info = (api.model_info if repo_type == "model" else api.dataset_info)(repo_id, revision=revision)
+    except Exception as e:  # noqa: BLE001 -- offline, not found, gated, network: one message
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise EPMQError(f"hub {repo_type} '{repo_id}' at revision '{revision}': cannot ask the hub for its commit "
+                        f"({type(e).__name__}: {why}); this needs internet") from e
+    sha = getattr(info, "sha", None)
+    if not is_commit(sha):
+        raise EPMQError(f"hub {repo_type} '{repo_id}' at revision '{revision}': the hub returned no commit ({sha!r})")
+    return sha
 
 
 # --------------------------------------------------------------------------------------------- state dicts
