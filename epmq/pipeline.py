@@ -106,6 +106,22 @@ class log_to:
         return False
 
 
+class job(log_to):
+    """A workflow job's context (``with job(snakemake):`` in every rule's script): its log (:class:`log_to`),
+    and the GPUs Snakemake granted it (its ``gpu`` resource, 0 when the rule declares none; see
+    :func:`epmq.device.grant`): a job granted none computes on the CPU."""
+
+    def __init__(self, sm):
+        super().__init__(sm.log[0])
+        self.gpus = int(getattr(sm.resources, "gpu", 0) or 0)
+
+    def __enter__(self):
+        from epmq.device import grant
+
+        grant(self.gpus)
+        return super().__enter__()
+
+
 def _isatty() -> bool:
     return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
 

@@ -1,8 +1,8 @@
 """Draw the calibration batches of every task of a suite (train split, one seed)."""
 
-from epmq.pipeline import calibrate, log_to, with_threads
+from epmq.pipeline import calibrate, job, with_threads
 
 sm = snakemake  # noqa: F821 (injected by the script directive)
-with log_to(sm.log[0]):
+with job(sm):
     spec = with_threads(sm.params.spec, sm.threads)
     calibrate(spec, int(sm.wildcards.n), int(sm.wildcards.seed), sm.params.batch_size, sm.output[0])

@@ -2,11 +2,11 @@
 
 from pathlib import Path
 
-from epmq.pipeline import log_to, quantize, with_threads
+from epmq.pipeline import job, quantize, with_threads
 
 sm = snakemake  # noqa: F821 (injected by the script directive)
 w = sm.wildcards
-with log_to(sm.log[0]):
+with job(sm):
     quantize(
         with_threads(sm.params.spec, sm.threads), sm.input.merged, sm.input.get("calib"), sm.params.qcfg,
         Path(sm.output.record).with_suffix(".safetensors"),  # weights are not written (save_weights=False)

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 from epmq.config import expand
-from epmq.pipeline import log_to, report, run_meta
+from epmq.pipeline import job, report, run_meta
 
 sm = snakemake  # noqa: F821 (injected by the script directive)
-with log_to(sm.log[0]):
+with job(sm):
     meta = run_meta(expand(sm.config))
     report(sm.input.evals, Path(sm.output.csv).parent, benchmarks=sm.input.benchmarks, meta=meta,
            anchors=sm.params.anchors)
