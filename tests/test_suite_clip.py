@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -366,3 +367,135 @@ def test_offline_prefetch_lists_everything_missing(tmp_path, monkeypatch, world)
     assert out["datasets"]["mnist"] == world["opts"]["datasets"]["mnist"]
     assert all(ok.data_path(t, s).is_file() for t in TASKS for s in S.SPLITS)
     assert not os.path.exists(tmp_path / "hf" / "hub")
+
+
+# ------------------------------------------------------------------------------------------------ revisions
+
+SHA = {k: c * 40 for k, c in (("base", "1"), ("mnist", "2"), ("eurosat", "3"), ("ds_mnist", "4"),
+                              ("ds_eurosat", "5"), ("other", "6"))}
+HUB_MODELS = {"acme/tiny-clip": ("base", "base"), "acme/tiny-clip_mnist": ("exp_mnist", "mnist"),
+              "acme/tiny-clip_eurosat": ("exp_eurosat", "eurosat")}
+
+
+@pytest.fixture(scope="module")
+def hub(world, tmp_path_factory):
+    """The stand-ins as the hub would serve them: an HF model cache (``refs/main`` -> ``snapshots/<commit>``) of
+    the base and the experts, and each dataset split saved under a folder named by its commit (as ``datasets``
+    caches a hub dataset: ``.../<commit>/*.arrow``)."""
+    root = tmp_path_factory.mktemp("hub")
+    for hub_id, (folder, key) in HUB_MODELS.items():
+        repo = root / "models" / ("models--" + hub_id.replace("/", "--"))
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(SHA[key])
+        shutil.copytree(world["root"] / folder, repo / "snapshots" / SHA[key])
+    for task in TASKS:
+        dd = datasets.load_from_disk(world["opts"]["datasets"][task])
+        for split in ("train", "test"):
+            dd[split].save_to_disk(str(root / "data" / get_task(task).hf_dataset / split / SHA[f"ds_{task}"]))
+    return root
+
+
+def _serve(monkeypatch, hub) -> list:
+    """Route every hub download through ``hub`` (models: the real offline ``snapshot_download`` on its cache;
+    datasets: the one cached commit, as offline ``datasets`` takes the latest cached one whatever is asked) and
+    log ``(kind, id, revision)`` of each call."""
+    import huggingface_hub
+
+    calls, real = [], huggingface_hub.snapshot_download
+
+    def snapshot_download(repo_id, **kw):
+        calls.append(("model", repo_id, kw["revision"]))
+        return real(repo_id, **{**kw, "cache_dir": str(hub / "models")})
+
+    def load_dataset(path, name=None, *, split, revision=None, **kw):
+        calls.append(("dataset", path, revision))
+        (cached,) = (hub / "data" / path / split).iterdir()
+        return datasets.load_from_disk(str(cached))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+PINS = {"models": {"acme/tiny-clip": SHA["base"], "acme/tiny-clip_mnist": SHA["mnist"],
+                   "acme/tiny-clip_eurosat": "main"},
+        "datasets": {"ylecun/mnist": SHA["ds_mnist"], "tanganke/eurosat": "main"}}
+HUB_OPTS = dict(OPTS, base="acme/tiny-clip", experts="acme/tiny-clip_{task}")
+
+
+def test_revisions_option_is_checked(tmp_path, world):
+    s = S.ClipSuite(tmp_path, **HUB_OPTS, revisions=PINS)
+    assert s.hub_models() == list(PINS["models"]) and s.hub_datasets() == ["ylecun/mnist", "tanganke/eurosat"]
+    assert s.model_revision("acme/tiny-clip_eurosat") == "main"
+    assert s.dataset_revision("ylecun/mnist") == SHA["ds_mnist"]
+    assert S.ClipSuite(tmp_path, **HUB_OPTS).model_revision("acme/tiny-clip") is None  # unpinned: the default branch
+    local = S.ClipSuite(tmp_path, **world["opts"], revisions={})  # nothing read from the hub: nothing to pin
+    assert local.hub_models() == [] and local.hub_datasets() == []
+    short = {"models": {k: v for k, v in PINS["models"].items() if "eurosat" not in k}, "datasets": PINS["datasets"]}
+    bad = [({"models": [SHA["base"]]}, r"revisions.models=\["),
+           (["main"], r"revisions=\['main'\]"),
+           ({"weights": {}}, "revisions="),
+           ({**PINS, "datasets": {**PINS["datasets"], "ylecun/mnist": "no good"}},
+            r"revisions.datasets\['ylecun/mnist'\]: revision 'no good'"),
+           (short, r"revisions.models has no revision for \['acme/tiny-clip_eurosat'\]"),
+           ({**PINS, "datasets": {**PINS["datasets"], "uoft-cs/cifar10": "main"}},
+            r"revisions.datasets names \['uoft-cs/cifar10'\], which this suite does not read")]
+    for revs, match in bad:
+        with pytest.raises(EPMQError, match=match) as e:
+            S.ClipSuite(tmp_path, **HUB_OPTS, revisions=revs)
+        assert "\n" not in str(e.value) and str(e.value).startswith("clip suite: ")
+
+
+def test_pinned_revisions_reach_every_download_and_are_recorded(hub, tmp_path, monkeypatch):
+    calls = _serve(monkeypatch, hub)
+    suite = S.ClipSuite(tmp_path / "c", **HUB_OPTS, revisions=PINS)
+    out = suite.prefetch(preprocess=True)
+    read = {"models": {"acme/tiny-clip": SHA["base"], "acme/tiny-clip_mnist": SHA["mnist"],
+                       "acme/tiny-clip_eurosat": SHA["eurosat"]},
+            "datasets": {"ylecun/mnist": SHA["ds_mnist"], "tanganke/eurosat": SHA["ds_eurosat"]}}
+    assert out["revisions"] == read and out["revisions_pinned"] == PINS
+    suite.build_base()
+    for t in TASKS:
+        suite.build_expert(t)
+    # every download asked for its pin; the heads read the base at the commit base.json recorded
+    pinned = {**PINS["models"], **PINS["datasets"]}
+    assert {i for _, i, _ in calls} == set(pinned)
+    assert [c for c in calls if c[2] != pinned[c[1]]] == []
+    assert sum(c[0] == "dataset" for c in calls) == (2 + 3) * len(TASKS)  # prefetch: 2 splits; preprocessing: 3
+    meta = {p: json.loads(p.with_suffix(".json").read_text()) for p in
+            (suite.base_path, suite.projection_path, *(suite.expert_path(t) for t in TASKS))}
+    assert (meta[suite.base_path]["revision"], meta[suite.base_path]["revision_pinned"]) == (SHA["base"], SHA["base"])
+    assert meta[suite.projection_path]["revision"] == SHA["base"]
+    assert (meta[suite.expert_path("mnist")]["revision"], meta[suite.expert_path("mnist")]["revision_pinned"]) == (
+        SHA["mnist"], SHA["mnist"])
+    assert (meta[suite.expert_path("eurosat")]["revision"], meta[suite.expert_path("eurosat")]["revision_pinned"]) == (
+        SHA["eurosat"], "main")  # a branch: the commit it was at is what the record keeps
+    assert json.loads(suite.head_path("mnist").with_suffix(".json").read_text())["revision"] == SHA["base"]
+    for task, split in (("mnist", "test"), ("eurosat", "train")):
+        d = json.loads(suite.data_path(task, split).with_suffix(".json").read_text())
+        assert (d["hub_dataset"], d["revision"], d["revision_pinned"]) == (
+            get_task(task).hf_dataset, SHA[f"ds_{task}"], PINS["datasets"][get_task(task).hf_dataset])
+
+    # a pin that differs from the commit a cached artefact was built from is refused, naming the model / dataset
+    other = SHA["other"]
+    moved = {"models": {**PINS["models"], "acme/tiny-clip_mnist": other}, "datasets": PINS["datasets"]}
+    with pytest.raises(EPMQError, match=rf"^expert 'mnist' \(acme/tiny-clip_mnist\) is pinned to revision {other} "
+                                        rf"but the cached \S+mnist.safetensors was built from {SHA['mnist']}: delete"):
+        S.ClipSuite(tmp_path / "c", **HUB_OPTS, revisions=moved).build_expert("mnist")
+    moved = {"models": PINS["models"], "datasets": {**PINS["datasets"], "ylecun/mnist": other}}
+    with pytest.raises(EPMQError, match=rf"^dataset 'ylecun/mnist' \(mnist/test\) is pinned to revision {other} "
+                                        rf"but the cached \S+ was built from {SHA['ds_mnist']}"):
+        S.ClipSuite(tmp_path / "c", **HUB_OPTS, revisions=moved).data_file("mnist", "test")
+    # a new cache: `datasets` hands over another commit than the pinned one (offline it takes the latest cached)
+    with pytest.raises(EPMQError, match=rf"^mnist: dataset 'ylecun/mnist' split 'test' is pinned to revision {other} "
+                                        rf"but `datasets` loaded {SHA['ds_mnist']}"):
+        S.ClipSuite(tmp_path / "fresh", **HUB_OPTS, revisions=moved).data_file("mnist", "test")
+    # ... or the HF cache has no snapshot of a pinned commit: fetch lists the model (and the dataset) at once
+    moved = {"models": {**PINS["models"], "acme/tiny-clip": other},
+             "datasets": {**PINS["datasets"], "ylecun/mnist": other}}
+    with pytest.raises(EPMQError) as e:
+        S.ClipSuite(tmp_path / "fresh", **HUB_OPTS, revisions=moved).prefetch(preprocess=False)
+    msg = str(e.value)
+    assert msg.startswith("clip suite: 3 source(s) offline") and "model acme/tiny-clip;" in msg
+    assert "dataset ylecun/mnist [train] (mnist) (another revision than the pinned one)" in msg
+    assert "acme/tiny-clip_mnist" not in msg and "eurosat" not in msg

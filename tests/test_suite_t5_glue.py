@@ -352,6 +352,70 @@ def test_bad_options_and_columns_are_named(world, tmp_path):
         S.T5GlueSuite(tmp_path, **wrong).data_file("mnli", "test")
 
 
+def test_pinned_revisions_reach_every_download_and_are_recorded(world, tmp_path, monkeypatch):
+    """The stand-ins served as the hub would (an HF model cache with refs/main -> snapshots/<commit>; GLUE splits
+    under a folder named by their commit, as ``datasets`` caches them): every download asks for its pin, the
+    commit read is recorded, the tokenizer reads the base at base.json's commit, another commit is refused."""
+    import shutil
+
+    import huggingface_hub
+
+    sha = {k: c * 40 for k, c in (("base", "1"), ("mnli", "2"), ("stsb", "3"), ("glue", "4"), ("other", "5"))}
+    hub = tmp_path / "hub"
+    for hub_id, folder, key in (("acme/t5", "base", "base"), ("acme/t5_mnli", "exp_mnli", "mnli"),
+                                ("acme/t5_stsb", "exp_stsb", "stsb")):
+        repo = hub / "models" / ("models--" + hub_id.replace("/", "--"))
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(sha[key])
+        shutil.copytree(world["root"] / folder, repo / "snapshots" / sha[key])
+    for t in TASKS:
+        dd = datasets.load_from_disk(world["opts"]["datasets"][t])
+        for split in dd:
+            dd[split].save_to_disk(str(hub / "data" / t / split / sha["glue"]))
+    calls, real = [], huggingface_hub.snapshot_download
+
+    def snapshot_download(repo_id, **kw):
+        calls.append((repo_id, kw["revision"]))
+        return real(repo_id, **{**kw, "cache_dir": str(hub / "models")})
+
+    def load_dataset(path, name=None, *, split, revision=None, **kw):
+        calls.append((f"{path}:{name}", revision))
+        (cached,) = (hub / "data" / name / split).iterdir()  # the one cached commit, whatever is asked
+        return datasets.load_from_disk(str(cached))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    pins = {"models": {"acme/t5": sha["base"], "acme/t5_mnli": "main", "acme/t5_stsb": sha["stsb"]},
+            "datasets": {"nyu-mll/glue": sha["glue"]}}
+    opts = dict(OPTS, base="acme/t5", experts="acme/t5_{task}", revisions=pins)
+    with pytest.raises(EPMQError, match=r"^t5-glue suite: revisions.datasets has no revision for \['nyu-mll/glue'\]"):
+        S.T5GlueSuite(tmp_path / "c", **dict(opts, revisions={"models": pins["models"]}))
+    suite = S.T5GlueSuite(tmp_path / "c", **opts)
+    out = suite.prefetch()  # + tokenization of every split, with the base's tokenizer
+    assert out["revisions"] == {"models": {"acme/t5": sha["base"], "acme/t5_mnli": sha["mnli"],
+                                           "acme/t5_stsb": sha["stsb"]}, "datasets": {"nyu-mll/glue": sha["glue"]}}
+    suite.build_base()
+    for t in TASKS:
+        suite.build_expert(t)
+    want = {**pins["models"], **{f"nyu-mll/glue:{t}": sha["glue"] for t in TASKS}}
+    assert calls and {c[0] for c in calls} == set(want) and [c for c in calls if c[1] != want[c[0]]] == []
+    base = json.loads(suite.base_path.with_suffix(".json").read_text())
+    mnli = json.loads(suite.expert_path("mnli").with_suffix(".json").read_text())
+    data = json.loads(suite.data_path("stsb", "train").with_suffix(".json").read_text())
+    assert (base["revision"], base["revision_pinned"]) == (sha["base"], sha["base"])
+    assert (mnli["revision"], mnli["revision_pinned"]) == (sha["mnli"], "main")
+    assert (data["hub_dataset"], data["revision"], data["revision_pinned"]) == (
+        "nyu-mll/glue", sha["glue"], sha["glue"])
+    moved = dict(opts, revisions={"models": {**pins["models"], "acme/t5": sha["other"]}, "datasets": pins["datasets"]})
+    with pytest.raises(EPMQError, match=rf"^base 'acme/t5' is pinned to revision {sha['other']} but the cached \S+ "
+                                        rf"was built from {sha['base']}"):
+        S.T5GlueSuite(tmp_path / "c", **moved).build_base()
+    moved = dict(opts, revisions={"models": pins["models"], "datasets": {"nyu-mll/glue": sha["other"]}})
+    with pytest.raises(EPMQError, match=rf"^stsb: dataset 'nyu-mll/glue' \(stsb\) split 'train' is pinned to revision "
+                                        rf"{sha['other']} but `datasets` loaded {sha['glue']}"):
+        S.T5GlueSuite(tmp_path / "fresh", **moved).data_file("stsb", "train")
+
+
 # --------------------------------------------------------------------------------------------- the DAG
 
 

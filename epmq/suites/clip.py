@@ -55,6 +55,16 @@ B/32) through ``huggingface_hub`` into the HF cache, and the datasets (a few GB,
 ``datasets`` into ``data_dir`` / the HF datasets cache. Offline (``HF_HUB_OFFLINE=1`` / ``HF_DATASETS_OFFLINE=1``)
 ``prefetch`` only checks the caches and raises ONE error listing everything missing.
 
+Revisions (``revisions={"models": {hub id: rev}, "datasets": {hub id: rev}}``; the paper configs set it)
+    ``rev`` is a 40-hex commit SHA or a branch / tag name; once ``revisions`` is given, every hub model and hub
+    dataset the suite reads needs an entry and no other may appear (``epmq pin`` resolves branches to commits).
+    Every download gets its revision (``snapshot_download(revision=...)``, ``load_dataset(revision=...)``); the
+    commit actually read is recorded in every artefact's JSON (``revision``, beside ``revision_pinned``) and in
+    ``prefetch``'s result (the workflow's ``fetched.json``). A commit pin is never silently replaced: a cache
+    snapshot, a loaded dataset (offline, ``datasets`` takes the latest cached revision whatever is asked) or a
+    cached artefact of another commit raises :class:`EPMQError` naming the model or dataset. The heads and the
+    tokenizer read the base at the commit recorded in ``base.json``, so they match the base's weights.
+
 Cache layout under ``cache_dir`` (metadata = the artefact's path ``.with_suffix(".json")``)::
 
     base.safetensors              base.json          # encoder state dict (layout above); sources, revision
@@ -109,6 +119,7 @@ DEFAULTS = {
     "threads": None,
     "progress": None,  # None: when stderr is a TTY
     "data_dir": None,  # datasets cache_dir (None: the HF datasets cache)
+    "revisions": None,  # {"models": {hub id: revision}, "datasets": {hub id: revision}} (module doc); None: unpinned
 }
 FORMAT_VERSION = 1
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -159,8 +170,20 @@ def _datasets_offline_mode():
 
 def _revision(folder: Path) -> str | None:
     """The commit hash of an HF-cache snapshot folder (``.../snapshots/<hash>``), else None."""
-    folder = Path(folder)
-    return folder.name if folder.parent.name == "snapshots" else None
+    from epmq.models.sources import snapshot_revision
+
+    return snapshot_revision(folder)
+
+
+def dataset_commit(ds) -> str | None:
+    """The hub commit a ``datasets`` split was built from: the ``<hash>`` folder of its Arrow cache files
+    (``<cache>/<owner>___<name>/<config>/<version>/<hash>/``, where hub datasets use the commit SHA), else None."""
+    from epmq.models.sources import is_commit
+
+    for f in getattr(ds, "cache_files", None) or ():
+        name = Path(f.get("filename", "")).parent.name
+        return name if is_commit(name) else None
+    return None
 
 
 def _first_line(e: BaseException) -> str:
@@ -336,14 +359,117 @@ def check_hub_options(cfg: dict, who: str, lookup, int_lows) -> tuple:
     ds = cfg["datasets"]
     if ds is not None and not isinstance(ds, Mapping):
         raise EPMQError(f"{who}: datasets={ds!r}: expected a dict task -> local dataset folder")
+    check_revisions_option(cfg.get("revisions"), who)
     return tasks
+
+
+def check_revisions_option(revs, who: str) -> None:
+    """The shape of a hub suite's ``revisions`` option: None, or ``{"models": {hub id: rev}, "datasets": {hub id:
+    rev}}`` (either part may be absent), each ``rev`` a commit SHA or a branch / tag name."""
+    from epmq.models.sources import check_revision
+
+    if revs is None:
+        return
+    if not isinstance(revs, Mapping) or set(revs) - {"models", "datasets"}:
+        raise EPMQError(f"{who}: revisions={revs!r}: expected {{'models': {{hub id: revision}}, "
+                        "'datasets': {hub id: revision}}")
+    for kind in ("models", "datasets"):
+        pins = revs.get(kind)
+        if pins is None:
+            continue
+        if not isinstance(pins, Mapping):
+            raise EPMQError(f"{who}: revisions.{kind}={pins!r}: expected a dict hub id -> revision")
+        for hub_id, rev in pins.items():
+            check_revision(rev, f"{who}: revisions.{kind}[{hub_id!r}]")
 
 
 class HubSuiteMixin:
     """Cache layout, seeded splits and small helpers shared by the hub-backed suites (``clip``, ``t5-glue``).
-    Expects ``name``, ``format_version``, ``tasks``, ``cache_dir``, ``seed``, ``_device_cache`` and ``cfg`` (``experts``, ``device``, ``progress``,
-    ``max_test``, ``n_val``, ``calib_pool``) on the suite, and its ``_check_task``/``build_expert``/
-    ``load_encoder``."""
+    Expects ``name``, ``format_version``, ``tasks``, ``cache_dir``, ``seed``, ``_device_cache`` and ``cfg``
+    (``experts``, ``device``, ``progress``, ``max_test``, ``n_val``, ``calib_pool``, ``datasets``, ``revisions``) on
+    the suite, and its ``_check_task``/``build_expert``/``load_encoder``/``model_sources``/``hub_dataset_id``."""
+
+    # -- hub revisions (see the module doc, "Revisions") ---------------------------------------------------------
+    def _pins(self, kind: str) -> dict:
+        return {str(k): v for k, v in ((self.cfg.get("revisions") or {}).get(kind) or {}).items()}
+
+    def model_revision(self, source) -> str | None:
+        """The revision ``revisions.models`` pins hub model ``source`` to (None: unpinned, the default branch)."""
+        return self._pins("models").get(str(source))
+
+    def dataset_revision(self, hf_dataset) -> str | None:
+        """The revision ``revisions.datasets`` pins hub dataset ``hf_dataset`` to (None: unpinned)."""
+        return self._pins("datasets").get(str(hf_dataset))
+
+    def hub_models(self) -> list[str]:
+        """The model sources read from the hub (hub ids that are no existing local path), in order."""
+        from epmq.models.sources import is_hub_id
+
+        return [s for s in dict.fromkeys(self.model_sources()) if is_hub_id(s) and not Path(s).expanduser().exists()]
+
+    def _local_dataset(self, task: str):
+        return (self.cfg["datasets"] or {}).get(task)
+
+    def hub_datasets(self) -> list[str]:
+        """The hub dataset ids the tasks read (a task given a local ``datasets`` folder reads none), in order."""
+        return list(dict.fromkeys(self.hub_dataset_id(t) for t in self.tasks if self._local_dataset(t) is None))
+
+    def _check_revisions(self, who: str) -> None:
+        """Once ``revisions`` is set, every hub model and dataset has a pin, and every pin names one of them."""
+        if self.cfg.get("revisions") is None:
+            return
+        for kind, used in (("models", self.hub_models()), ("datasets", self.hub_datasets())):
+            pins = self._pins(kind)
+            absent = [u for u in used if u not in pins]
+            if absent:
+                raise EPMQError(f"{who}: revisions.{kind} has no revision for {absent} (with revisions set, every "
+                                f"hub {kind[:-1]} needs one: a commit SHA, or a branch that `epmq pin` resolves)")
+            extra = [k for k in pins if k not in used]
+            if extra:
+                raise EPMQError(f"{who}: revisions.{kind} names {extra}, which this suite does not read from the hub "
+                                f"(it reads {used})")
+
+    def _resolve_model(self, source, *, revision=None) -> Path:
+        """:func:`epmq.models.sources.resolve` at ``revision`` (default: the pinned one)."""
+        from epmq.models.sources import resolve
+
+        return resolve(source, revision=revision or self.model_revision(source))
+
+    @staticmethod
+    def _check_pin(what: str, pinned, recorded, path: Path) -> None:
+        """Refuse to reuse an artefact built from another commit than the one ``what`` is pinned to."""
+        from epmq.models.sources import is_commit
+
+        if is_commit(pinned) and recorded != pinned:
+            raise EPMQError(f"{what} is pinned to revision {pinned} but the cached {path} was built from "
+                            f"{recorded or 'an unrecorded revision'}: delete it (and whatever was built from it) to "
+                            f"rebuild from the pinned revision, or pin {recorded or 'the revision it was built from'}")
+
+    def _dataset_provenance(self, task: str, ds) -> dict:
+        """The ``hub_dataset`` / ``revision`` (commit read) / ``revision_pinned`` fields of a data artefact."""
+        if self._local_dataset(task) is not None:
+            return {"hub_dataset": None, "revision": None, "revision_pinned": None}
+        hub = self.hub_dataset_id(task)
+        return {"hub_dataset": hub, "revision": dataset_commit(ds), "revision_pinned": self.dataset_revision(hub)}
+
+    def _prefetch_models(self, problems: list) -> dict:
+        """Download (offline: check) every model source at its pinned revision; ``{source: commit read}`` (None
+        for a local path); what fails is appended to ``problems``."""
+        from epmq.models.sources import is_hub_id, resolve
+
+        out = {}
+        for s in dict.fromkeys(self.model_sources()):
+            try:
+                out[s] = _revision(resolve(s, revision=self.model_revision(s)))
+            except EPMQError as e:
+                if not hub_offline():
+                    problems.append(f"model {s} ({_first_line(e)[:120]})")
+                elif not is_hub_id(s):
+                    problems.append(f"model {s} (no such local path)")
+                else:
+                    pinned = " (cached at another revision than the pinned one)" if "is pinned to" in str(e) else ""
+                    problems.append(f"model {s}{pinned}")
+        return out
 
     def data_path(self, task: str, split: str) -> Path:
         return self.cache_dir / "data" / task / f"{split}.safetensors"
@@ -368,13 +494,15 @@ class HubSuiteMixin:
         meta = self._read_json(path.with_suffix(".json"))
         self._build_base_file()
         if path.is_file() and meta and meta.get("key") == key:
+            self._check_pin(f"expert '{task}' ({key['source']})", self.model_revision(key["source"]),
+                            meta.get("revision"), path)
             return path
-        from epmq.models.sources import check_expert, resolve
+        from epmq.models.sources import check_expert
 
         t0 = time.perf_counter()
         src = key["source"]
         try:
-            folder = resolve(src)
+            folder = self._resolve_model(src)
             sd = {k: (v.float() if v.is_floating_point() else v) for k, v in
                   self._import_expert(folder, task, src).items()}
             base = self.base_state_dict()
@@ -385,7 +513,8 @@ class HubSuiteMixin:
         num = sum(float((sd[k] - v).float().pow(2).sum()) for k, v in base.items() if v.is_floating_point())
         den = sum(float(v.float().pow(2).sum()) for v in base.values() if v.is_floating_point())
         meta = {"what": "expert", "task": task, "key": key, "source": src, "folder": str(folder),
-                "revision": _revision(folder), "base": self.cfg["base"], **self._expert_meta(task),
+                "revision": _revision(folder), "revision_pinned": self.model_revision(src), "base": self.cfg["base"],
+                **self._expert_meta(task),
                 "relative_delta": math.sqrt(num / max(den, 1e-30)), "seconds": time.perf_counter() - t0}
         save_safetensors_atomic(path, sd, {"task": task, "source": src})
         write_json_atomic(path.with_suffix(".json"), meta)
@@ -401,6 +530,10 @@ class HubSuiteMixin:
         key = self._data_key(task, split)
         if not self._data_cached(path, key):
             self._build_data(task, split, path, key)
+        elif self._local_dataset(task) is None:
+            hub = self.hub_dataset_id(task)
+            meta = self._read_json(path.with_suffix(".json")) or {}
+            self._check_pin(f"dataset '{hub}' ({task}/{split})", self.dataset_revision(hub), meta.get("revision"), path)
         return path
 
     def expert_source(self, task: str) -> str:
@@ -449,10 +582,13 @@ class HubSuiteMixin:
     def _hf_dataset(self, task: str, hf_dataset: str, hf_config, split: str, columns, *, name: str,
                     source: str, fetch_hint: str, download_mode=None):
         """Split ``split`` of ``task``'s dataset: from ``cfg["datasets"][task]`` (a ``save_to_disk`` folder) when
-        given, else from the hub (offline mode unless the caller downloads), with ``columns`` checked. Every
-        failure is one ``EPMQError`` line naming the task; ``name`` and ``source`` name the dataset in the load
-        and column messages, ``fetch_hint`` says how to get it."""
+        given, else from the hub at the pinned revision (offline mode unless the caller downloads), with
+        ``columns`` checked. Every failure is one ``EPMQError`` line naming the task; ``name`` and ``source``
+        name the dataset in the load and column messages, ``fetch_hint`` says how to get it. A hub split built
+        from another commit than a pinned one is refused."""
         import datasets
+
+        from epmq.models.sources import is_commit
 
         local = (self.cfg["datasets"] or {}).get(task)
         if local is not None:
@@ -466,15 +602,23 @@ class HubSuiteMixin:
                     raise EPMQError(f"{task}: local dataset {local} has no split {split!r} (has {list(d)})")
                 d = d[split]
         else:
+            pin = self.dataset_revision(hf_dataset)
+            at = f" at revision '{pin}'" if pin else ""
             try:
                 with _datasets_offline_mode():
                     d = datasets.load_dataset(hf_dataset, hf_config, split=split, cache_dir=self.cfg["data_dir"],
-                                              download_mode=download_mode)
+                                              download_mode=download_mode, revision=pin)
             except Exception as e:  # noqa: BLE001 -- offline, not found, network: one message
                 where = "not in the local datasets cache (offline)" if datasets_offline() else "could not be loaded"
-                raise EPMQError(f"{task}: dataset {name} split {split!r} {where} ({type(e).__name__}: "
+                raise EPMQError(f"{task}: dataset {name} split {split!r}{at} {where} ({type(e).__name__}: "
                                 f"{_first_line(e)}); {fetch_hint} on a machine with internet, or pass "
                                 "datasets={task: folder}") from e
+            got = dataset_commit(d)
+            if is_commit(pin) and got != pin:
+                raise EPMQError(f"{task}: dataset {name} split {split!r} is pinned to revision {pin} but `datasets` "
+                                f"loaded {got or 'a split of unknown revision'} (offline it takes the latest cached "
+                                f"revision, whatever is asked): {fetch_hint} with internet, or remove the other "
+                                "revision from the datasets cache")
         for col in columns:
             if col not in d.column_names:
                 raise EPMQError(f"{task}: dataset {source} has no column {col!r} (columns {d.column_names})")
@@ -519,6 +663,7 @@ class ClipSuite(HubSuiteMixin, Suite):
             raise EPMQError("clip suite: arch / base_visual apply to layout='open_clip' only")
         self.cfg = cfg
         self.tasks = tasks
+        self._check_revisions("clip suite")
         self.adapter = "hf_clip_vision" if cfg["layout"] == "hf" else "openclip_vit"
         self._heads: dict = {}
         self._base_sd = None
@@ -540,6 +685,10 @@ class ClipSuite(HubSuiteMixin, Suite):
         if self.cfg["base_visual"] is not None:
             out.append(str(self.cfg["base_visual"]))
         return out + [self.expert_source(t) for t in self.tasks]
+
+    def hub_dataset_id(self, task: str) -> str:
+        """The hub dataset ``task`` reads unless given a local folder (:mod:`epmq.tasks.clip`)."""
+        return get_task(task).hf_dataset
 
     # -- small helpers -----------------------------------------------------------------------------------------
 
@@ -565,13 +714,21 @@ class ClipSuite(HubSuiteMixin, Suite):
     def _base_cached(self) -> dict | None:
         meta = self._read_json(self.base_path.with_suffix(".json"))
         ok = self.base_path.is_file() and meta and meta.get("key") == self._base_key()
-        return meta if ok and (self.cfg["layout"] == "open_clip" or self.projection_path.is_file()) else None
+        ok = ok and (self.cfg["layout"] == "open_clip" or self.projection_path.is_file())
+        if ok:
+            base = self.cfg["base"]
+            self._check_pin(f"base {base!r}", self.model_revision(base), meta.get("revision"), self.base_path)
+            if self.cfg["base_visual"] is not None:
+                bv = self.cfg["base_visual"]
+                self._check_pin(f"base_visual {bv!r}", self.model_revision(bv),
+                                (meta.get("base_visual") or {}).get("revision"), self.base_path)
+        return meta if ok else None
 
     def _load_base_model_files(self):
         """(folder, raw state dict, CLIPConfig dict) of the HF base."""
-        from epmq.models.sources import load_state_dict, resolve
+        from epmq.models.sources import load_state_dict
 
-        folder = resolve(self.cfg["base"])
+        folder = self._resolve_model(self.cfg["base"])
         raw = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
         if not isinstance(raw.get("vision_config"), Mapping) or not isinstance(raw.get("text_config"), Mapping):
             raise EPMQError(f"base {self.cfg['base']!r}: {folder / 'config.json'} is not a CLIPModel config "
@@ -584,7 +741,7 @@ class ClipSuite(HubSuiteMixin, Suite):
             return self.base_path
         from transformers import CLIPVisionConfig
 
-        from epmq.models.sources import clip_vision_keys, load_state_dict, openclip_visual_keys, resolve
+        from epmq.models.sources import clip_vision_keys, load_state_dict, openclip_visual_keys
 
         t0 = time.perf_counter()
         folder, raw_sd, raw_cfg = self._load_base_model_files()
@@ -599,7 +756,8 @@ class ClipSuite(HubSuiteMixin, Suite):
         logit_scale = float(raw_sd["logit_scale"].float().exp())
         vision = {k: v.float() for k, v in clip_vision_keys(raw_sd).items()}
         meta = {"what": "base", "key": self._base_key(), "source": str(self.cfg["base"]), "folder": str(folder),
-                "revision": _revision(folder), "layout": self.cfg["layout"],
+                "revision": _revision(folder), "revision_pinned": self.model_revision(self.cfg["base"]),
+                "layout": self.cfg["layout"],
                 "vision_config": json.loads(vcfg.to_json_string()), "projection_dim": int(projection.shape[0]),
                 "logit_scale": logit_scale, "image_size": self.cfg["image_size"], "config": self.config()}
         if self.cfg["layout"] == "hf":
@@ -611,9 +769,10 @@ class ClipSuite(HubSuiteMixin, Suite):
                 sd = hf_to_openclip_visual(vision, projection)
                 meta["converted_from"] = "hf"
             else:
-                bv = resolve(self.cfg["base_visual"])
+                bv = self._resolve_model(self.cfg["base_visual"])
                 sd = {k: v.float() for k, v in openclip_visual_keys(load_state_dict(bv)).items()}
-                meta["base_visual"] = {"source": str(self.cfg["base_visual"]), "revision": _revision(bv)}
+                meta["base_visual"] = {"source": str(self.cfg["base_visual"]), "revision": _revision(bv),
+                                       "revision_pinned": self.model_revision(self.cfg["base_visual"])}
         enc = self._new_encoder(meta)
         self._strict_load(enc, sd, f"base {self.cfg['base']!r}")  # validates keys and shapes before writing
         meta["n_params"] = int(sum(v.numel() for v in sd.values()))
@@ -717,10 +876,9 @@ class ClipSuite(HubSuiteMixin, Suite):
 
         def builder(task):
             def build():
-                if not text:  # the base's text tower and tokenizer, loaded once for all missing heads
-                    from epmq.models.sources import resolve
-
-                    text["enc"] = hf_clip_text_encoder(resolve(self.cfg["base"]), device=self.device())
+                if not text:  # the base's text tower and tokenizer (at base.json's commit), once for all heads
+                    folder = self._resolve_model(self.cfg["base"], revision=base.get("revision"))
+                    text["enc"] = hf_clip_text_encoder(folder, device=self.device())
                 encode_text, tokenize = text["enc"]
                 return zeroshot_head(encode_text, tokenize, get_task(task), logit_scale=float(base["logit_scale"]))
 
@@ -847,7 +1005,8 @@ class ClipSuite(HubSuiteMixin, Suite):
         save_safetensors_atomic(path, tensors, {_DATA_KEY: json.dumps(key, sort_keys=True)})
         write_json_atomic(path.with_suffix(".json"), {
             "what": "preprocessed images", "task": task, "split": split, "key": key, "n": len(idx),
-            "n_source_rows": len(ds), "dataset_fingerprint": getattr(ds, "_fingerprint", None),
+            "n_source_rows": len(ds), **self._dataset_provenance(task, ds),
+            "dataset_fingerprint": getattr(ds, "_fingerprint", None),
             "preprocessing": f"RGB, shorter side -> {size} (PIL bicubic), center crop {size}, uint8",
             "normalisation": {"mean": CLIP_MEAN, "std": CLIP_STD}, "seconds": time.perf_counter() - t0})
 
@@ -924,25 +1083,20 @@ class ClipSuite(HubSuiteMixin, Suite):
         split into the HF caches, so that later jobs need no internet. Raises ONE :class:`EPMQError` listing
         everything missing. ``preprocess`` (default: the workflow's fetch rule does it, so parallel jobs never
         race to write the same cache) also writes the ``data/`` caches."""
-        from epmq.models.sources import is_hub_id, missing, resolve
-
         problems, models = [], self.model_sources()
-        if hub_offline():  # a local path that does not exist is named as such (no download could bring it)
-            problems += [f"model {s}" + ("" if is_hub_id(s) else " (no such local path)") for s in missing(models)]
-        else:
-            for s in dict.fromkeys(models):
-                try:
-                    resolve(s)
-                except EPMQError as e:
-                    problems.append(f"model {s} ({_first_line(e)[:120]})")
+        revisions = {"models": self._prefetch_models(problems), "datasets": {}}
         for t in self.tasks:
             for which in ("train", "test"):
                 try:
-                    self._dataset(t, which, download_mode="reuse_cache_if_exists")
-                except EPMQError:
+                    d = self._dataset(t, which, download_mode="reuse_cache_if_exists")
+                except EPMQError as e:
                     task = get_task(t)
                     split = task.train_split if which == "train" else task.test_split
-                    problems.append(f"dataset {self.dataset_source(t)} [{split}] ({t})")
+                    pinned = " (another revision than the pinned one)" if "is pinned to" in str(e) else ""
+                    problems.append(f"dataset {self.dataset_source(t)} [{split}] ({t}){pinned}")
+                    continue
+                if self._local_dataset(t) is None:
+                    revisions["datasets"][self.hub_dataset_id(t)] = dataset_commit(d)
         if problems:
             where = "offline: not in the local caches" if (hub_offline() or datasets_offline()) else "unavailable"
             raise EPMQError(f"clip suite: {len(problems)} source(s) {where}: " + "; ".join(problems)
@@ -952,7 +1106,8 @@ class ClipSuite(HubSuiteMixin, Suite):
             for t in self.tasks:
                 for split in SPLITS:
                     self.data_file(t, split)
-        return {"models": models, "datasets": {t: self.dataset_source(t) for t in self.tasks}}
+        return {"models": models, "datasets": {t: self.dataset_source(t) for t in self.tasks},
+                "revisions": revisions, "revisions_pinned": self.cfg["revisions"]}
 
 
 def fetch(cache_dir, *, seed: int = 0, preprocess: bool = False, **options) -> dict:

@@ -56,7 +56,9 @@ Downloads (``prefetch``): the base (``model.safetensors`` ~1 GB: 248M parameters
 experts (about 1 GB each) into the HF cache through ``huggingface_hub``; the 8 GLUE configs of
 ``nyu-mll/glue`` (a few hundred MB of parquet in all) through ``datasets``. Offline
 (``HF_HUB_OFFLINE=1`` / ``HF_DATASETS_OFFLINE=1``) ``prefetch`` only checks the caches and raises ONE error
-listing everything missing.
+listing everything missing. ``revisions={"models": {hub id: rev}, "datasets": {"nyu-mll/glue": rev}}`` pins
+them, exactly as in the ``clip`` suite (:mod:`epmq.suites.clip`, "Revisions"): every download gets its
+revision, the commit read is recorded in every artefact's JSON, and a commit pin is never silently replaced.
 
 Cache layout under ``cache_dir`` (metadata = the artefact's path ``.with_suffix(".json")``)::
 
@@ -92,6 +94,7 @@ from epmq.suites.clip import (
     _first_line,
     _revision,
     check_hub_options,
+    dataset_commit,
     datasets_offline,
     hub_offline,
     hub_suite_cli,
@@ -115,6 +118,7 @@ DEFAULTS = {
     "threads": None,
     "progress": None,  # None: when stderr is a TTY
     "data_dir": None,  # datasets cache_dir (None: the HF datasets cache)
+    "revisions": None,  # {"models": {hub id: revision}, "datasets": {hub id: revision}}; None: unpinned
 }
 FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -146,6 +150,7 @@ class T5GlueSuite(HubSuiteMixin, Suite):
                                    ("eval_batch_size", 1)))
         self.cfg = cfg
         self.tasks = tasks
+        self._check_revisions("t5-glue suite")
         self._base_sd = None
         self._tok = None
         self._device_cache = None
@@ -160,6 +165,17 @@ class T5GlueSuite(HubSuiteMixin, Suite):
         """Every model source this suite reads (base, then the experts), in order."""
         return [str(self.cfg["base"])] + [self.expert_source(t) for t in self.tasks]
 
+    def hub_dataset_id(self, task: str) -> str:
+        """The hub dataset ``task`` reads unless given a local folder (``nyu-mll/glue`` for every task)."""
+        return get_glue_task(task).hf_dataset
+
+    def _base_folder(self) -> Path:
+        """The base's folder, at the commit ``base.json`` recorded when there is one (tokenizer and config then
+        match the imported weights), else at the pinned revision."""
+        meta = self._read_json(self.base_path.with_suffix(".json"))
+        rev = meta.get("revision") if meta and meta.get("key") == self._base_key() else None
+        return self._resolve_model(self.cfg["base"], revision=rev)
+
     # -- helpers --------------------------------------------------------------------------------------------
 
     def tokenizer(self):
@@ -167,9 +183,7 @@ class T5GlueSuite(HubSuiteMixin, Suite):
         if self._tok is None:
             from transformers import AutoTokenizer
 
-            from epmq.models.sources import resolve
-
-            folder = resolve(self.cfg["base"])
+            folder = self._base_folder()
             try:
                 self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
             except Exception as e:  # noqa: BLE001 -- missing/corrupt tokenizer files: one message
@@ -189,17 +203,20 @@ class T5GlueSuite(HubSuiteMixin, Suite):
     def build_base(self) -> Path:
         """Import the base (cached; re-imported when ``base`` changed); return its path. No heads to build."""
         meta = self._read_json(self.base_path.with_suffix(".json"))
+        base = str(self.cfg["base"])
         if self.base_path.is_file() and meta and meta.get("key") == self._base_key():
+            self._check_pin(f"base {base!r}", self.model_revision(base), meta.get("revision"), self.base_path)
             return self.base_path
-        from epmq.models.sources import load_t5, resolve, t5_head_tied, unique_state_dict
+        from epmq.models.sources import load_t5, t5_head_tied, unique_state_dict
 
         t0 = time.perf_counter()
-        folder = resolve(self.cfg["base"])
+        folder = self._resolve_model(base)
         raw = json.loads((folder / "config.json").read_text())
         model = load_t5(folder)
         sd = {k: (v.float() if v.is_floating_point() else v) for k, v in unique_state_dict(model).items()}
         meta = {"what": "base", "key": self._base_key(), "source": str(self.cfg["base"]), "folder": str(folder),
-                "revision": _revision(folder), "config": raw, "head_tied": t5_head_tied(raw),
+                "revision": _revision(folder), "revision_pinned": self.model_revision(base), "config": raw,
+                "head_tied": t5_head_tied(raw),
                 "n_params": int(sum(v.numel() for v in sd.values())), "seconds": time.perf_counter() - t0,
                 "suite_config": self.config()}
         save_safetensors_atomic(self.base_path, sd, {"source": str(self.cfg["base"])})
@@ -248,12 +265,12 @@ class T5GlueSuite(HubSuiteMixin, Suite):
         return self.build_base()  # the base is its weights alone (no heads)
 
     def _import_expert(self, folder: Path, task: str, src: str) -> dict:
-        from epmq.models.sources import load_t5, resolve, unique_state_dict
+        from epmq.models.sources import load_t5, unique_state_dict
 
         if folder.is_dir() and (folder / "config.json").is_file():
             model = load_t5(folder)  # its own config: another architecture shows up as shape mismatches
         else:  # a bare weights file: the base's architecture
-            model = load_t5(resolve(self.cfg["base"]), weights=folder)
+            model = load_t5(self._base_folder(), weights=folder)
         return unique_state_dict(model)
 
     def _expert_meta(self, task: str) -> dict:
@@ -330,7 +347,8 @@ class T5GlueSuite(HubSuiteMixin, Suite):
         save_safetensors_atomic(path, tensors, {_DATA_KEY: json.dumps(key, sort_keys=True)})
         write_json_atomic(path.with_suffix(".json"), {
             "what": "tokenized prompts and targets", "task": task, "split": split, "key": key, "n": n,
-            "n_source_rows": len(ds), "dataset_fingerprint": getattr(ds, "_fingerprint", None),
+            "n_source_rows": len(ds), **self._dataset_provenance(task, ds),
+            "dataset_fingerprint": getattr(ds, "_fingerprint", None),
             "truncated": int(sum(len(s) >= self.cfg["max_source_length"] for s in enc)),
             "max_input_tokens": int(max((len(s) for s in enc), default=0)), "seconds": time.perf_counter() - t0})
 
@@ -444,24 +462,18 @@ class T5GlueSuite(HubSuiteMixin, Suite):
         """Download (or, offline, check) the base, every expert and every task's train and reported split, so
         that later jobs need no internet; raises ONE :class:`EPMQError` listing everything missing. With
         ``preprocess`` (the workflow's fetch rule) also tokenizes every split into ``data/``."""
-        from epmq.models.sources import is_hub_id, missing, resolve
-
         problems, models = [], self.model_sources()
-        if hub_offline():
-            problems += [f"model {s}" + ("" if is_hub_id(s) else " (no such local path)") for s in missing(models)]
-        else:
-            for s in dict.fromkeys(models):
-                try:
-                    resolve(s)
-                except EPMQError as e:
-                    problems.append(f"model {s} ({_first_line(e)[:120]})")
+        revisions = {"models": self._prefetch_models(problems), "datasets": {}}
         for t in self.tasks:
             for which in ("train", "test"):
                 try:
-                    self._dataset(t, which, download_mode="reuse_cache_if_exists")
+                    d = self._dataset(t, which, download_mode="reuse_cache_if_exists")
                 except EPMQError as e:
                     why = "" if "offline" in str(e) or "could not be loaded" in str(e) else f" ({_first_line(e)[:120]})"
                     problems.append(f"dataset {self.dataset_source(t)} [{self._hf_split(t, which)}] ({t}){why}")
+                    continue
+                if self._local_dataset(t) is None:
+                    revisions["datasets"][self.hub_dataset_id(t)] = dataset_commit(d)
         if problems:
             where = "offline: not in the local caches" if (hub_offline() or datasets_offline()) else "unavailable"
             raise EPMQError(f"t5-glue suite: {len(problems)} source(s) {where}: " + "; ".join(problems)
@@ -471,7 +483,8 @@ class T5GlueSuite(HubSuiteMixin, Suite):
             for t in self.tasks:
                 for split in SPLITS:
                     self.data_file(t, split)
-        return {"models": models, "datasets": {t: self.dataset_source(t) for t in self.tasks}}
+        return {"models": models, "datasets": {t: self.dataset_source(t) for t in self.tasks},
+                "revisions": revisions, "revisions_pinned": self.cfg["revisions"]}
 
 
 def glue_record(task: str, split: str, scores: dict) -> dict:
