@@ -50,6 +50,8 @@ lock:
 	$(PY) -m pip freeze --exclude-editable | grep -vE '^(torch|open_clip_torch|triton|fusion-bench|fusion_bench)==' > requirements.lock.tmp
 	{ echo "# Exact versions the tests and the default grid run with (installed after torch==2.13.0; see Makefile)."; \
 	  echo "# Regenerate: make lock"; cat requirements.lock.tmp; } > requirements.lock && rm requirements.lock.tmp
+	# the conda env of the rules carries the same pins inline (Snakemake copies it where relative paths break)
+	$(PY) envs/sync.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
