@@ -8,9 +8,11 @@ to the same paths (:data:`epmq.pipeline.PATTERNS`), through the same functions t
     epmq calibrate --suite tiny-vit --seed 0
     epmq quantize  --suite tiny-vit --merge task_arithmetic --method epmq --bits 3 --seed 0 --set lam_w=0.1
     epmq evaluate  --suite tiny-vit --model quant/task_arithmetic/epmq.lam_w=0.1/w3g-1/s0
+    epmq export    --suite clip --merge ties --method epmq --bits 4 --format gptq --out ship/  # a folder to ship
     epmq report                                          # leaderboard from the grid's eval records
     epmq run       [-- snakemake options]                # the whole DAG: snakemake --cores all ...
     epmq grid                                            # what the config expands to
+    epmq pin       [--write | --check]                   # hub revisions: branches -> commits (internet)
 """
 
 from __future__ import annotations
@@ -121,6 +123,32 @@ def cmd_quantize(args):
               f"{pk['packed_ratio']:.3f} of their fp16 size")
 
 
+def cmd_export(args):
+    from epmq.config import QUANT_KNOBS, fmt_value
+    from epmq.export import export_cell
+
+    grid = _grid(args)
+    overrides = _sets(args.set)
+    for k in overrides:
+        if k not in QUANT_KNOBS:
+            raise EPMQError(f"--set {k}: unknown knob, expected one of {list(QUANT_KNOBS)}")
+    qid = args.method + "".join(f".{k}={fmt_value(v)}" for k, v in sorted(overrides.items()))
+    spec = _spec(grid, args)
+    qcfg = {"method": args.method, "bits": args.bits, "group_size": args.group_size,
+            **grid.config["quantize"]["params"], **grid.suites[args.suite]["quantize"], **overrides}
+    cal = grid.config["calibration"]
+    n = cal["n_per_task"]
+    run = f"{args.merge}/{qid}/w{args.bits}g{args.group_size}/s{args.seed}"
+    rec = export_cell(spec, suite_id=args.suite, results_dir=grid.config["results"], run=run, merge=args.merge,
+                      qcfg=qcfg, calib=_path(grid, "calib", suite=args.suite, n=n, seed=args.seed),
+                      merged=_path(grid, "merged", suite=args.suite, merge=args.merge), out=args.out,
+                      fmt=args.format, seed=args.seed, n_calib=n, batch_size=cal["batch_size"],
+                      device=args.device or grid.config["device"], packed_from=args.from_packed,
+                      gptq_format=args.gptq_format, scale_dtype=args.scale_dtype)
+    print(f"{args.out}: {args.format}, {rec['bits']}-bit, {rec['n_quantized']} quantized weights, "
+          f"{rec['weights_bytes'] / 2**20:.2f} MB weights, {len(rec['files'])} files")
+
+
 def cmd_evaluate(args):
     from epmq import pipeline
 
@@ -162,6 +190,109 @@ def cmd_grid(args):
         if args.verbose:
             for r in runs:
                 print(f"  quant/{r.path}")
+
+
+def _hub_pins(grid) -> dict:
+    """``{suite id: {"models": {hub id: revision}, "datasets": {hub id: revision}}}`` for every suite that reads
+    from the hub (revision None where the config pins none)."""
+    from epmq.suites import get_suite
+
+    out = {}
+    for sid, s in grid.suites.items():
+        suite = get_suite(s["type"], Path(grid.config["results"]) / sid, seed=s["seed"], **s["options"])
+        if not hasattr(suite, "hub_models"):
+            continue  # a suite whose data and models come from the registries: nothing to pin
+        out[sid] = {"models": {m: suite.model_revision(m) for m in suite.hub_models()},
+                    "datasets": {d: suite.dataset_revision(d) for d in suite.hub_datasets()}}
+    return out
+
+
+def _rewrite_revisions(text: str, sid: str, resolved: dict) -> str:
+    """``text`` (a config file) with the value of each ``suites.<sid>.options.revisions.<kind>.<id>`` line in
+    ``resolved`` replaced, comments and layout kept (block-style YAML, as the paper configs write it)."""
+    import re
+
+    key_line = re.compile(r"^(?P<indent>\s*)(?P<key>[\"']?[A-Za-z0-9][^:\"'#]*[\"']?):(?P<sep>\s*)(?P<value>[^#]*?)"
+                          r"(?P<rest>\s*(#.*)?)$")
+    stack: list[tuple[int, str]] = []
+    out = []
+    for line in text.split("\n"):
+        m = key_line.match(line)
+        if m and not line.lstrip().startswith("#"):
+            indent, key = len(m["indent"]), m["key"].strip("\"'")
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            path = [k for _, k in stack] + [key]
+            stack.append((indent, key))
+            if len(path) == 6 and path[:4] == ["suites", sid, "options", "revisions"] and m["value"]:
+                new = resolved.get(path[4], {}).get(path[5])
+                if new is not None:
+                    line = f"{m['indent']}{m['key']}:{m['sep']}{new}{m['rest']}"
+        out.append(line)
+    return "\n".join(out)
+
+
+def cmd_pin(args):
+    """Resolve every branch / tag in the suites' ``revisions`` to the commit it is at now (internet), print the
+    pinned blocks and, with ``--write``, put them into the config file; ``--check``: no network, exit 2 unless
+    every hub model and dataset is pinned to a commit."""
+    import copy
+
+    import yaml
+
+    from epmq.models.sources import hub_commit, is_commit
+
+    grid = _grid(args)
+    pins = _hub_pins(grid)
+    if not pins:
+        print(f"{args.config}: no suite reads from the hub; nothing to pin")
+        return
+    if args.check:
+        loose = [f"{sid}: {kind[:-1]} {i} ({rev or 'no revision'})" for sid, p in pins.items()
+                 for kind, revs in p.items() for i, rev in revs.items() if not is_commit(rev)]
+        if loose:
+            raise EPMQError(f"{args.config}: {len(loose)} hub source(s) not pinned to a commit: " + "; ".join(loose)
+                            + f" -- run `epmq pin --config {args.config} --write` on a machine with internet")
+        n = sum(len(r) for p in pins.values() for r in p.values())
+        print(f"{args.config}: all {n} hub models and datasets are pinned to commits")
+        return
+    resolved, problems = {}, []
+    for sid, p in pins.items():
+        resolved[sid] = {}
+        for kind, revs in p.items():
+            resolved[sid][kind] = {}
+            for hub_id, rev in revs.items():
+                try:
+                    sha = rev if is_commit(rev) else hub_commit(hub_id, rev or "main", repo_type=kind[:-1])
+                except EPMQError as e:
+                    problems.append(str(e))
+                    continue
+                resolved[sid][kind][hub_id] = sha
+    if problems:
+        raise EPMQError(f"{len(problems)} revision(s) could not be resolved: " + "; ".join(problems))
+    for sid, r in resolved.items():
+        print(f"# suites.{sid}.options.revisions (each branch / tag resolved to the commit it is at now)")
+        print(yaml.safe_dump({"revisions": r}, sort_keys=False).rstrip())
+    if not args.write:
+        return
+    path = Path(args.config)
+    text = path.read_text()
+    raw = yaml.safe_load(text)
+    want = copy.deepcopy(raw)
+    new = text
+    for sid, r in resolved.items():
+        opts = (want["suites"][sid] or {}).setdefault("options", {})
+        if not isinstance(opts.get("revisions"), dict):
+            raise EPMQError(f"{path}: suites.{sid}.options has no revisions block to write into: paste the block "
+                            "printed above under its options, then run again")
+        for kind, revs in r.items():
+            opts["revisions"].setdefault(kind, {}).update(revs)
+        new = _rewrite_revisions(new, sid, r)
+    if yaml.safe_load(new) != want:  # the line edit must change exactly the revisions, nothing else
+        raise EPMQError(f"{path}: its layout is not one `epmq pin --write` can edit safely (every hub id on its "
+                        "own line under revisions.models / revisions.datasets); paste the block printed above")
+    path.write_text(new)
+    print(f"wrote {path}")
 
 
 def cmd_run(args, extra):
@@ -211,6 +342,22 @@ def main(argv=None) -> int:
     sp.add_argument("--out")
     sp.add_argument("--packed", metavar="DIR", help="also write the packed low-bit checkpoint (deployable; "
                     "reload with epmq.quant.packed.load_quantized)")
+    sp = add("export", "quantize one cell and write a folder other tools load (gptq, compressed-tensors, epmq)")
+    sp.add_argument("--merge", required=True)
+    sp.add_argument("--method", required=True)
+    sp.add_argument("--bits", type=int, required=True)
+    sp.add_argument("--group-size", type=int, default=-1)
+    sp.add_argument("--seed", type=int, default=0, help="calibration seed")
+    sp.add_argument("--set", action="append", metavar="KNOB=VALUE", help="quantizer knob override; repeatable")
+    sp.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the config's)")
+    sp.add_argument("--format", default="gptq", choices=["gptq", "compressed-tensors", "epmq"])
+    sp.add_argument("--gptq-format", default="gptq", choices=["gptq", "gptq_v2"],
+                    help="GPTQ checkpoint_format (v1 stores zero-1 and cannot hold a zero point of 0)")
+    sp.add_argument("--scale-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="compressed-tensors scale dtype (float32: bit-exact)")
+    sp.add_argument("--from-packed", metavar="DIR", help="export this `epmq quantize --packed` folder instead of "
+                    "quantizing again (--merge/--method/--bits/--seed still name the cell for the model card)")
+    sp.add_argument("--out", required=True, help="folder to write (replaced atomically)")
     sp = add("evaluate", "test accuracy of one model on every task of its suite")
     sp.add_argument("--model", required=True, help="base | experts/<task> | merged/<merge> | quant/<run>")
     sp.add_argument("--weights", help="weights to evaluate (default: the workflow's path for --model)")
@@ -220,6 +367,12 @@ def main(argv=None) -> int:
     sp.add_argument("--partial", action="store_true", help="use the records that exist")
     add("grid", "show what the config expands to", suite=False).add_argument("-v", "--verbose",
                                                                            action="store_true")
+    sp = add("pin", "pin the hub suites' revisions: resolve each branch / tag to its commit (needs internet)",
+             suite=False)
+    how = sp.add_mutually_exclusive_group()
+    how.add_argument("--write", action="store_true", help="write the commits into the config file")
+    how.add_argument("--check", action="store_true", help="no network: fail unless every hub model and dataset "
+                     "is pinned to a commit")
     sp = sub.add_parser("run", help="run the whole DAG with Snakemake (extra options go to snakemake)",
                         description="snakemake --cores CORES [--configfile CONFIG] [extra snakemake options]")
     sp.add_argument("--config", default="config.yaml")

@@ -174,3 +174,82 @@ def test_missing_local_expert_fails_in_fetch_naming_it(world, tmp_path):
     assert last.startswith("epmq.errors.EPMQError: ") and f"model {gone} (no such local path)" in last, log[-2000:]
     assert str(world / "exp_mnist") not in last  # only what is missing is listed
     assert not (tmp_path / "results" / SUITE / "base.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------- hub revisions (pins)
+
+PAPER = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
+def test_paper_configs_carry_a_revision_for_every_hub_model_and_dataset(path):
+    from epmq.models.sources import check_revision
+    from epmq.suites import get_suite
+
+    cfg = yaml.safe_load(path.read_text())
+    epmq.config.validate(cfg)
+    grid = epmq.config.expand(cfg)
+    for s in grid.suites.values():
+        suite = get_suite(s["type"], "unused", **s["options"])  # refuses missing or stray pins
+        revs = s["options"]["revisions"]
+        assert suite.hub_models() and suite.hub_datasets()
+        assert list(revs["models"]) == suite.hub_models() and list(revs["datasets"]) == suite.hub_datasets()
+        for rev in [*revs["models"].values(), *revs["datasets"].values()]:
+            check_revision(rev, path.name)
+    assert f"epmq pin --config configs/paper/{path.name} --write" in path.read_text()  # how to pin, said in place
+
+
+def test_cifar_comes_from_fusion_benchs_copies():
+    cfg = yaml.safe_load((ROOT / "configs" / "paper" / "vit-l14-20tasks.yaml").read_text())
+    datasets_ = cfg["suites"]["vit-l14"]["options"]["revisions"]["datasets"]
+    assert {"tanganke/cifar10", "tanganke/cifar100"} <= set(datasets_)
+    assert not any(d.startswith("uoft-cs/") for d in datasets_)
+
+
+def test_pin_resolves_branches_to_commits_and_writes_them_in_place(tmp_path, monkeypatch, capsys):
+    """`epmq pin` asks the hub (mocked here) which commit each branch is at; --write changes exactly the revision
+    values of the config file, comments and layout kept; --check passes only once every source is a commit."""
+    import hashlib
+    import types
+
+    import huggingface_hub
+
+    from epmq import cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    asked = []
+
+    def sha(kind, repo_id):
+        return hashlib.sha1(f"{kind}:{repo_id}".encode()).hexdigest()
+
+    def info(kind):
+        def f(self, repo_id, revision=None, **kw):
+            asked.append((kind, repo_id, revision))
+            return types.SimpleNamespace(sha=sha(kind, repo_id))
+
+        return f
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", info("model"))
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", info("dataset"))
+    for name in ("vit-l14-20tasks.yaml", "flan-t5-base-glue.yaml"):
+        src = (ROOT / "configs" / "paper" / name).read_text()
+        path = tmp_path / name
+        path.write_text(src)
+        assert cli.main(["pin", "--config", str(path), "--check"]) == 2
+        assert "not pinned to a commit" in capsys.readouterr().err
+        asked.clear()
+        assert cli.main(["pin", "--config", str(path), "--write"]) == 0
+        new = path.read_text()
+        (sid, suite), = yaml.safe_load(new)["suites"].items()
+        old = yaml.safe_load(src)["suites"][sid]["options"]["revisions"]
+        want = {kind: {i: sha(kind[:-1], i) for i in ids} for kind, ids in old.items()}
+        assert suite["options"]["revisions"] == want
+        n = sum(len(ids) for ids in old.values())
+        assert len(asked) == n and {rev for *_, rev in asked} == {"main"}
+        changed = [(a, b) for a, b in zip(src.splitlines(), new.splitlines()) if a != b]
+        assert len(src.splitlines()) == len(new.splitlines()) and len(changed) == n
+        assert all(a.endswith(": main") and a.rsplit(":", 1)[0] == b.rsplit(":", 1)[0] for a, b in changed)
+        assert cli.main(["pin", "--config", str(path), "--check"]) == 0
+        asked.clear()
+        assert cli.main(["pin", "--config", str(path)]) == 0 and asked == []  # commits stay: nothing to ask
+        assert "revisions:" in capsys.readouterr().out
