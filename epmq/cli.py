@@ -8,6 +8,7 @@ to the same paths (:data:`epmq.pipeline.PATTERNS`), through the same functions t
     epmq calibrate --suite tiny-vit --seed 0
     epmq quantize  --suite tiny-vit --merge task_arithmetic --method epmq --bits 3 --seed 0 --set lam_w=0.1
     epmq evaluate  --suite tiny-vit --model quant/task_arithmetic/epmq.lam_w=0.1/w3g-1/s0
+    epmq export    --suite clip --merge ties --method epmq --bits 4 --format gptq --out ship/  # a folder to ship
     epmq report                                          # leaderboard from the grid's eval records
     epmq run       [-- snakemake options]                # the whole DAG: snakemake --cores all ...
     epmq grid                                            # what the config expands to
@@ -120,6 +121,32 @@ def cmd_quantize(args):
         pk = rec["packed"]
         print(f"{args.packed}: packed checkpoint, {pk['total_bytes']} bytes; quantized weights at "
               f"{pk['packed_ratio']:.3f} of their fp16 size")
+
+
+def cmd_export(args):
+    from epmq.config import QUANT_KNOBS, fmt_value
+    from epmq.export import export_cell
+
+    grid = _grid(args)
+    overrides = _sets(args.set)
+    for k in overrides:
+        if k not in QUANT_KNOBS:
+            raise EPMQError(f"--set {k}: unknown knob, expected one of {list(QUANT_KNOBS)}")
+    qid = args.method + "".join(f".{k}={fmt_value(v)}" for k, v in sorted(overrides.items()))
+    spec = _spec(grid, args)
+    qcfg = {"method": args.method, "bits": args.bits, "group_size": args.group_size,
+            **grid.config["quantize"]["params"], **grid.suites[args.suite]["quantize"], **overrides}
+    cal = grid.config["calibration"]
+    n = cal["n_per_task"]
+    run = f"{args.merge}/{qid}/w{args.bits}g{args.group_size}/s{args.seed}"
+    rec = export_cell(spec, suite_id=args.suite, results_dir=grid.config["results"], run=run, merge=args.merge,
+                      qcfg=qcfg, calib=_path(grid, "calib", suite=args.suite, n=n, seed=args.seed),
+                      merged=_path(grid, "merged", suite=args.suite, merge=args.merge), out=args.out,
+                      fmt=args.format, seed=args.seed, n_calib=n, batch_size=cal["batch_size"],
+                      device=args.device or grid.config["device"], packed_from=args.from_packed,
+                      gptq_format=args.gptq_format, scale_dtype=args.scale_dtype)
+    print(f"{args.out}: {args.format}, {rec['bits']}-bit, {rec['n_quantized']} quantized weights, "
+          f"{rec['weights_bytes'] / 2**20:.2f} MB weights, {len(rec['files'])} files")
 
 
 def cmd_evaluate(args):
@@ -315,6 +342,22 @@ def main(argv=None) -> int:
     sp.add_argument("--out")
     sp.add_argument("--packed", metavar="DIR", help="also write the packed low-bit checkpoint (deployable; "
                     "reload with epmq.quant.packed.load_quantized)")
+    sp = add("export", "quantize one cell and write a folder other tools load (gptq, compressed-tensors, epmq)")
+    sp.add_argument("--merge", required=True)
+    sp.add_argument("--method", required=True)
+    sp.add_argument("--bits", type=int, required=True)
+    sp.add_argument("--group-size", type=int, default=-1)
+    sp.add_argument("--seed", type=int, default=0, help="calibration seed")
+    sp.add_argument("--set", action="append", metavar="KNOB=VALUE", help="quantizer knob override; repeatable")
+    sp.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the config's)")
+    sp.add_argument("--format", default="gptq", choices=["gptq", "compressed-tensors", "epmq"])
+    sp.add_argument("--gptq-format", default="gptq", choices=["gptq", "gptq_v2"],
+                    help="GPTQ checkpoint_format (v1 stores zero-1 and cannot hold a zero point of 0)")
+    sp.add_argument("--scale-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="compressed-tensors scale dtype (float32: bit-exact)")
+    sp.add_argument("--from-packed", metavar="DIR", help="export this `epmq quantize --packed` folder instead of "
+                    "quantizing again (--merge/--method/--bits/--seed still name the cell for the model card)")
+    sp.add_argument("--out", required=True, help="folder to write (replaced atomically)")
     sp = add("evaluate", "test accuracy of one model on every task of its suite")
     sp.add_argument("--model", required=True, help="base | experts/<task> | merged/<merge> | quant/<run>")
     sp.add_argument("--weights", help="weights to evaluate (default: the workflow's path for --model)")

@@ -248,9 +248,13 @@ def check_exportable(model: nn.Module, results: dict[str, QuantResult], fmt: str
 def _state_tensors(model: nn.Module, others: dict | None) -> dict[str, torch.Tensor]:
     """The model's tensors to store besides the quantized ones: ``others`` (e.g. a packed checkpoint's) or the
     model's state dict, tied copies dropped."""
-    from epmq.models.sources import unique_state_dict
+    from epmq.models.sources import tied_aliases, unique_state_dict
 
-    sd = unique_state_dict(model) if others is None else dict(others)
+    if others is None:
+        sd = unique_state_dict(model)
+    else:  # a packed checkpoint stores tied copies (T5's embed_tokens); loaders refill them from shared.weight
+        drop = tied_aliases(model)
+        sd = {k: v for k, v in others.items() if k not in drop}
     out, seen = {}, set()
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
@@ -420,3 +424,191 @@ def export_model(model: nn.Module, results: dict[str, QuantResult], out, *, fmt:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return rec
+
+
+# ------------------------------------------------------------------------------- a leaderboard cell
+
+
+#: processor / tokenizer files copied from a hub base folder when present (no code files: nothing is executed)
+PROCESSOR_FILES = {"clip": ("preprocessor_config.json",),
+                   "t5-glue": ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
+                               "generation_config.json")}
+
+
+def _read_json(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def suite_provenance(suite, suite_type: str) -> dict:
+    """Base and experts of ``suite`` with the hub commits its artefacts recorded (None where not from a hub)."""
+    base = _read_json(suite.base_path.with_suffix(".json"))
+    cfg = getattr(suite, "cfg", {}) or {}
+    experts = []
+    for t in suite.tasks:
+        meta = _read_json(suite.expert_path(t).with_suffix(".json"))
+        src = suite.expert_source(t) if hasattr(suite, "expert_source") else f"fine-tuned by epmq ({suite_type})"
+        experts.append({"task": t, "source": str(src), "revision": meta.get("revision")})
+    return {"base": str(cfg.get("base") or f"pretrained by epmq ({suite_type})"), "base_revision": base.get("revision"),
+            "experts": experts}
+
+
+def suite_assets(suite, suite_type: str) -> tuple[dict, list[str]]:
+    """``({relative path: source file or JSON}, notes)``: processor / tokenizer files of the base and the task
+    heads (CLIP: zero-shot heads, the projection they apply and the class names; T5: none)."""
+    assets, notes = {}, []
+    names = PROCESSOR_FILES.get(suite_type, ())
+    if names:
+        try:
+            base = _read_json(suite.base_path.with_suffix(".json"))
+            folder = suite._resolve_model(suite.cfg["base"], revision=base.get("revision"))
+            for n in names:
+                if (Path(folder) / n).is_file():
+                    assets[n] = Path(folder) / n
+        except EPMQError as e:
+            notes.append(f"processor / tokenizer not copied: {str(e).splitlines()[0]}")
+    else:
+        notes.append(f"the {suite_type} suite has no hub processor / tokenizer to ship")
+    heads = {}
+    for t in suite.tasks:
+        p = suite.head_path(t)
+        if p.is_file():
+            assets[f"heads/{t}.safetensors"] = p
+            heads[t] = True
+    proj = getattr(suite, "projection_path", None)
+    if heads and proj is not None and Path(proj).is_file():
+        assets["heads/projection.safetensors"] = Path(proj)
+    if heads and suite_type == "clip":
+        from epmq.tasks.clip import get_task
+
+        assets["heads/classes.json"] = {t: list(get_task(t).classnames) for t in heads}
+    return assets, notes
+
+
+def leaderboard_rows(results_dir, suite_id: str, run: str, merge: str) -> list[dict]:
+    """This model's rows from the run records: test accuracy per task and Avg, mean ± std over every seed's
+    record of the run (``quant/<run without /s<seed>>/s*.json``), and the FP merged model's row."""
+    import statistics
+
+    root = Path(results_dir) / suite_id / "eval"
+    rows = []
+    groups = [("quantized (this model)", sorted((root / "quant" / run).parent.glob("s*.json"))),
+              ("FP merged", [root / "merged" / f"{merge}.json"])]
+    for label, paths in groups:
+        recs = [_read_json(p) for p in paths if p.is_file()]
+        recs = [r for r in recs if r.get("tasks")]
+        if not recs:
+            continue
+        tasks = list(recs[0]["tasks"])
+        per = {t: [r["tasks"][t]["accuracy"] for r in recs if t in r["tasks"]] for t in tasks}
+        avgs = [sum(r["tasks"][t]["accuracy"] for t in tasks) / len(tasks) for r in recs]
+
+        def ms(v):
+            return [statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0]
+
+        rows.append({"model": label, "n_seeds": len(recs), "split": recs[0].get("split"),
+                     "avg": ms(avgs), "tasks": {t: ms(v) for t, v in per.items()}})
+    return rows
+
+
+def model_card(meta: dict) -> str:
+    """README.md: YAML front matter (hub metadata + an ``epmq`` block with the provenance) and a short body."""
+    import yaml
+
+    q = meta["quantizer"]
+    fmt = meta["format"]
+    front = {"base_model": meta["base"], "base_model_relation": "quantized", "tags": [
+        "epmq", "model-merging", "post-merge-quantization", fmt, f"{q['bits']}-bit", meta["merge"]["method"]]}
+    if meta.get("library_name"):
+        front["library_name"] = meta["library_name"]
+    front["epmq"] = {k: meta[k] for k in ("suite", "suite_type", "format", "experts", "base_revision", "merge",
+                                          "quantizer", "calibration", "leaderboard", "epmq_version", "git_sha")}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+             f"# {meta['suite']}: {meta['merge']['method']} merge, {q['method']} {q['bits']}-bit ({fmt})", "",
+             f"Merged from {len(meta['experts'])} task experts of `{meta['base']}` with {meta['merge']['method']} "
+             f"(hyperparameters chosen on validation: `{json.dumps(meta['merge']['params'], sort_keys=True)}`), then "
+             f"quantized by epmq's `{q['method']}` to {q['bits']} bits (group size {q['group_size']}, "
+             f"{'symmetric' if q.get('sym') else 'asymmetric'} grid, act-order {bool(q.get('act_order'))}) with "
+             f"{meta['calibration']['n_per_task']} calibration examples per task (train split, seed "
+             f"{meta['calibration']['seed']}).", ""]
+    if meta["leaderboard"]:
+        tasks = list(meta["leaderboard"][0]["tasks"])
+        lines += ["| model | seeds | " + " | ".join(tasks) + " | Avg |", "|---|---:|" + "---:|" * (len(tasks) + 1)]
+        for r in meta["leaderboard"]:
+            cells = [f"{r['tasks'][t][0]:.1f} ± {r['tasks'][t][1]:.1f}" if t in r["tasks"] else "" for t in tasks]
+            lines.append(f"| {r['model']} | {r['n_seeds']} | " + " | ".join(cells)
+                         + f" | {r['avg'][0]:.1f} ± {r['avg'][1]:.1f} |")
+        lines += ["", f"Test accuracy (%) on each task's {meta['leaderboard'][0].get('split') or 'test'} split, "
+                      "mean ± std over calibration seeds (std 0 with one seed).", ""]
+    else:
+        lines += ["No evaluation records of this model were found when it was exported.", ""]
+    lines += ["## Experts", "", "| task | source | revision |", "|---|---|---|"]
+    lines += [f"| {e['task']} | {e['source']} | {e['revision'] or '-'} |" for e in meta["experts"]]
+    lines += ["", "## Loading", "", LOADING[fmt], ""]
+    if meta.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in meta["notes"]] + [""]
+    lines += [f"Exported by epmq {meta['epmq_version']} (git {meta['git_sha'] or 'unknown'}). Upload: "
+              "`huggingface-cli upload <user>/<repo> <this folder>`.", ""]
+    return "\n".join(lines)
+
+
+LOADING = {
+    "gptq": "GPTQ checkpoint (`quantization_config` in config.json, `checkpoint_format` as stated there): "
+            "GPTQModel, AutoGPTQ, transformers' GPTQ path and vLLM read `qweight` / `qzeros` / `scales` / `g_idx` "
+            "per Linear. Scales are fp16 (the only difference to epmq's float32 fake-quant weights).",
+    "compressed-tensors": "compressed-tensors `pack-quantized` (W-only int): `transformers` with the "
+                          "`compressed-tensors` package (`AutoModel.from_pretrained(folder)`) and vLLM load it; "
+                          "`compressed_tensors.compressors.PackedQuantizationCompressor.decompress` gives the "
+                          "dense weights (bit-exact to epmq's fake-quant weights with float32 scales).",
+    "epmq": "epmq's packed layout: `epmq.quant.packed.load_quantized(<architecture>, folder)` "
+            "(`quant_config.json` describes the bit order).",
+}
+
+
+def export_cell(spec: dict, *, suite_id: str, results_dir, run: str, merge: str, qcfg: dict, calib, merged,
+                out, fmt: str, seed: int, n_calib: int, batch_size: int, device: str = "auto", packed_from=None,
+                gptq_format: str = "gptq", scale_dtype: str = "float32") -> dict:
+    """Quantize one leaderboard cell (exactly as ``epmq quantize --packed`` does: :func:`epmq.pipeline.quantize`
+    into a temp packed checkpoint; or read ``packed_from``) and write its folder with :func:`export_model`."""
+    from epmq import pipeline
+    from epmq.quant.packed import read_packed
+
+    suite = pipeline.open_suite(spec)
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: expected one of {list(FORMATS)}")
+    with tempfile.TemporaryDirectory(prefix="epmq-export-") as tmp:
+        if packed_from is None:
+            packed_from = Path(tmp) / "packed"
+            rec = pipeline.quantize(spec, merged, calib, qcfg, Path(tmp) / "q.safetensors", seed=seed,
+                                    n_calib=n_calib, device=device, packed=packed_from, save_weights=False)
+            quant = {"method": rec["method"], "bits": rec["bits"], "group_size": rec["group_size"],
+                     **rec["quant_params"], "seed": rec["seed"]}
+            merge_rec = {"id": merge, "method": None, "params": rec["merge_params"]}
+        else:
+            pc = _read_json(Path(packed_from) / "quant_config.json").get("config", {})
+            quant = {k: pc.get(k) for k in ("method", "bits", "group_size", "seed")}
+            merge_rec = {"id": pc.get("merge", merge), "method": None, "params": pc.get("merge_params", {})}
+        _, results, others = read_packed(packed_from)
+        model = suite.new_encoder()
+        mrec = _read_json(Path(merged).with_suffix(".json"))
+        merge_rec["method"] = mrec.get("method", merge)
+        prov = suite_provenance(suite, spec["type"])
+        assets, notes = suite_assets(suite, spec["type"])
+        meta = {"suite": suite_id, "suite_type": spec["type"], "format": fmt, **prov, "merge": merge_rec,
+                "quantizer": quant, "calibration": {"n_per_task": n_calib, "seed": seed, "batch_size": batch_size,
+                                                    "split": "train"},
+                "leaderboard": leaderboard_rows(results_dir, suite_id, run, merge),
+                "library_name": "transformers" if hf_config(model) is not None else None, "notes": notes}
+        meta.update({k: pipeline.provenance()[k2] for k, k2 in (("epmq_version", "epmq"), ("git_sha", "git_sha"))})
+        config = hf_config(model)
+        if config is None:  # open_clip / in-house BERT: no transformers config; describe the architecture instead
+            base = _read_json(suite.base_path.with_suffix(".json"))
+            assets["epmq_architecture.json"] = {"suite_type": spec["type"], "adapter": getattr(suite, "adapter", None),
+                                                "options": spec["options"],
+                                                **{k: base[k] for k in ("openclip_config", "vision_config")
+                                                   if k in base}}
+        return export_model(model, results, out, fmt=fmt, others=others, config=config, assets=assets,
+                            card=model_card(meta), record={"cell": meta, "quantize": quant},
+                            gptq_format=gptq_format, scale_dtype=scale_dtype)

@@ -357,3 +357,75 @@ def test_epmq_format_folder_roundtrip(tmp_path):
     export_model(model, res, tmp_path / "out", fmt="compressed-tensors")
     assert not (tmp_path / "out" / "quant_config.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+# ------------------------------------------------------------------------ the CLI, from a leaderboard cell
+
+
+def test_cli_export_clip_cell(tmp_path, monkeypatch):
+    """`epmq export` on the paper's clip suite (tiny stand-ins with the hub layouts, offline): the folder holds
+    config.json with its quantization_config, the weights, the base's image processor, the zero-shot heads and
+    class names, and a model card with the cell's leaderboard row; compressed-tensors' decompressor gives the
+    exact weights of `epmq quantize --packed` of the same cell."""
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_paper_dag import SUITE, TASKS, _config
+    from test_suite_clip import _dataset, _expert, _tiny_clip
+
+    from epmq.cli import main
+    from epmq.quant.packed import read_packed
+
+    world = tmp_path / "world"
+    base = _tiny_clip(world / "base")
+    _expert(base, world / "exp_mnist", 1)
+    _expert(base, world / "exp_eurosat", 2)
+    _dataset(world / "ds_mnist", "mnist", 24, 12, 0)
+    _dataset(world / "ds_eurosat", "eurosat", 20, 10, 1)
+    from PIL import Image  # noqa: F401  (datasets' image feature)
+
+    from transformers import CLIPImageProcessor
+
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(world / "base")
+    for k, v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(world / "hf_home")}.items():
+        monkeypatch.setenv(k, v)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "c.yaml").write_text(yaml.safe_dump(_config(world, {t: str(world / f"exp_{t}") for t in TASKS})))
+    c = ["--config", "c.yaml", "--suite", SUITE]
+    cell = ["--merge", "task_arithmetic", "--method", "gptq", "--bits", "4", "--seed", "0"]
+    assert main(["build", *c]) == 0
+    assert main(["merge", *c, "--merge", "task_arithmetic"]) == 0
+    assert main(["calibrate", *c, "--seed", "0"]) == 0
+    assert main(["quantize", *c, *cell, "--out", "q.safetensors", "--packed", "packed"]) == 0
+    assert main(["evaluate", *c, "--model", "quant/task_arithmetic/gptq/w4g-1/s0", "--weights", "q.safetensors"]) == 0
+    assert main(["export", *c, *cell, "--format", "compressed-tensors", "--out", "ship"]) == 0
+    ship = work / "ship"
+    files = {str(p.relative_to(ship)) for p in ship.rglob("*") if p.is_file()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "export.json",
+            "heads/mnist.safetensors", "heads/eurosat.safetensors", "heads/projection.safetensors",
+            "heads/classes.json"} <= files
+    card = (ship / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == str(world / "base") and front["base_model_relation"] == "quantized"
+    meta = front["epmq"]
+    assert meta["merge"]["method"] == "task_arithmetic" and meta["quantizer"]["method"] == "gptq"
+    assert [e["task"] for e in meta["experts"]] == TASKS and meta["calibration"]["n_per_task"] == 8
+    assert meta["leaderboard"][0]["model"] == "quantized (this model)" and meta["leaderboard"][0]["n_seeds"] == 1
+    assert " ± " in card and "huggingface-cli upload" in card
+    assert json.loads((ship / "heads" / "classes.json").read_text())["mnist"][0]
+    _, packed, _ = read_packed(work / "packed")  # the same cell quantized by `epmq quantize --packed`
+    from transformers import CLIPVisionModel
+
+    got = ct_decompress(ship, CLIPVisionModel.from_pretrained(str(world / "exp_mnist")), packed)
+    for name, r in packed.items():
+        assert torch.equal(got[name], r.weight), name
+    # from the packed folder, to GPTQ; open_clip-only refusals are one line
+    assert main(["export", *c, *cell, "--format", "gptq", "--gptq-format", "gptq_v2", "--from-packed", "packed",
+                 "--out", "ship_gptq"]) == 0
+    q = json.loads((work / "ship_gptq" / "config.json").read_text())["quantization_config"]
+    assert q["checkpoint_format"] == "gptq_v2" and q["bits"] == 4

@@ -958,6 +958,42 @@ def load_quantized(model: nn.Module, path_dir, *, cache_weight: bool = False) ->
     return root
 
 
+def read_packed(path_dir) -> tuple[dict, dict[str, QuantResult], dict[str, torch.Tensor]]:
+    """A packed checkpoint as data, no model needed: ``(quant_config.json, {name: QuantResult}, other tensors)``.
+
+    Each result's ``codes`` (uint8), ``scales``, ``zeros`` (float32), ``g_idx``, ``perm``, ``bits``,
+    ``group_size`` and ``sym`` are the stored ones and ``weight`` is :func:`dequantize_packed` of them (bit-exact
+    to the fake-quant weight that was saved); ``bias`` stays None: refitted biases are among the other tensors,
+    under the model's bias key, as the checkpoint stores them.
+    """
+    from safetensors.torch import load_file
+
+    path_dir = Path(path_dir)
+    cfg = _read_config(path_dir)
+    wpath = path_dir / cfg.get("weights_file", WEIGHTS_FILE)
+    if not wpath.is_file():
+        raise EPMQError(f"{wpath}: missing")
+    try:
+        tensors = load_file(str(wpath), device="cpu")
+    except Exception as e:  # safetensors raises its own error types
+        raise EPMQError(f"{wpath}: cannot be loaded by safetensors ({type(e).__name__}: {e})") from None
+    results = {}
+    for name, m in cfg["params"].items():
+        rows, cols = (int(x) for x in m["shape"])
+        keys = ["qweight", "scales", "zeros", "g_idx"] + (["perm"] if m["act_order"] else [])
+        missing = [f"{name}.{k}" for k in keys if f"{name}.{k}" not in tensors]
+        if missing:
+            raise EPMQError(f"{wpath}: missing key(s) {missing}")
+        p = {k: tensors.pop(f"{name}.{k}") for k in keys}
+        _validate_packed(name, rows=rows, cols=cols, bits=m["bits"], n_groups=int(m["n_groups"]), perm=p.get("perm"),
+                         **{k: p[k] for k in ("qweight", "scales", "zeros", "g_idx")})
+        results[name] = QuantResult(
+            weight=dequantize_packed(p["qweight"], p["scales"], p["zeros"], p["g_idx"], m["bits"], cols),
+            codes=unpack_codes(p["qweight"], m["bits"], cols), scales=p["scales"], zeros=p["zeros"].float(),
+            g_idx=p["g_idx"], perm=p.get("perm"), bits=m["bits"], group_size=m["group_size"], sym=m["sym"])
+    return cfg, results, tensors
+
+
 def checkpoint_size_report(path_dir) -> dict:
     """Sizes of a packed checkpoint, from the safetensors header (no tensor data read).
 
@@ -1037,6 +1073,7 @@ __all__ = [
     "pack_codes",
     "packed_row_bytes",
     "quantize_parameter",
+    "read_packed",
     "save_quantized",
     "unpack_codes",
 ]
