@@ -4,7 +4,8 @@ mocked CUDA devices (tests/fakecuda: N devices, claimed with the real lock files
 configs/tiny.yaml runs once with 2 mocked devices; its quantize jobs (the GPU jobs) are then rerun with 1 and 4
 devices. Each time: every GPU job claims exactly once, jobs that overlap in time hold distinct devices, no more
 than N devices are used and, with N >= 2, jobs did run side by side; the leaderboard is the same for every N
-and equals the CPU run's (tests/test_workflow.py's tiny run)."""
+and equals the CPU run's (tests/test_workflow.py's tiny run).
+The paper's CLIP DAG on mocked GPUs is in tests/test_paper_dag.py (it reuses that module's CPU run)."""
 
 from __future__ import annotations
 
@@ -109,63 +110,3 @@ def test_dag_on_mocked_gpus_claims_distinct_devices(gpu_work, n_gpus):
     records = list((gpu_work / "results-tiny" / "tiny-vit" / "quant").rglob("*.json"))
     assert len(records) == 9
 
-
-def test_paper_clip_dag_on_mocked_gpus(tmp_path_factory):
-    """The paper's CLIP DAG (tests/test_paper_dag.py's offline stand-ins) with `device: cuda`, the suite on
-    `device: auto` and 2 mocked GPUs: the quantize job asks for a device twice (the quantizer, then the suite's
-    evaluation), which once made it wait an hour on its own lock; base, merge and evaluate ask the suite. Every
-    job that takes a GPU claims once, jobs at the same time hold distinct devices, the leaderboard equals the
-    one of the same DAG on the CPU."""
-    import copy
-
-    import yaml
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import test_paper_dag as paper
-
-    import epmq.config
-
-    world = tmp_path_factory.mktemp("gpuworld")
-    base = paper._tiny_clip(world / "base")
-    paper._expert(base, world / "exp_mnist", 1)
-    paper._expert(base, world / "exp_eurosat", 2, prefixed=True)
-    paper._dataset(world / "ds_mnist", "mnist", 24, 12, 0)
-    paper._dataset(world / "ds_eurosat", "eurosat", 20, 10, 1)
-    (world / "hf_home").mkdir()
-    boards = {}
-    for mode in ("cpu", "gpu"):
-        work = tmp_path_factory.mktemp(f"paper-{mode}")
-        cfg = paper._config(world, {t: str(world / f"exp_{t}") for t in paper.TASKS})
-        if mode == "gpu":
-            cfg["device"] = "cuda"
-            cfg["suites"][paper.SUITE]["options"]["device"] = "auto"
-        epmq.config.validate(copy.deepcopy(cfg))
-        (work / "paper.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        env = paper._env(world)
-        log = work / "claims.jsonl"
-        if mode == "gpu":
-            env.update(EPMQ_FAKE_CUDA="2", EPMQ_FAKE_CUDA_LOG=str(log), EPMQ_LOCK_DIR=str(work / "locks"),
-                       EPMQ_GPU_WAIT_S="120",
-                       PYTHONPATH=os.pathsep.join(filter(None, [str(FAKE), env.get("PYTHONPATH")])))
-        cmd = [str(BIN / "snakemake"), "--snakefile", str(ROOT / "Snakefile"), "--directory", str(work),
-               "--cores", "4", "--configfile", "paper.yaml"] + (["--resources", "gpu=2"] if mode == "gpu" else [])
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=env, timeout=900)
-        assert r.returncode == 0, r.stderr[-4000:]
-        boards[mode] = sorted(
-            tuple(row[k] for k in ("model", "expert_task", "method", "seed", "task", "value", "n"))
-            for row in csv.DictReader((work / "reports" / "leaderboard.csv").open()))
-    events = [json.loads(line) for line in log.read_text().splitlines()]
-    by_pid = defaultdict(list)
-    for e in events:
-        by_pid[e["pid"]].append(e)
-    claimed = {}
-    for evs in by_pid.values():
-        kinds = [e["event"] for e in evs]
-        assert kinds.count("claim") <= 1 and kinds.count("device") <= 1, f"a job claimed twice: {evs}"
-        if "device" in kinds:
-            dev = next(e for e in evs if e["event"] == "device")
-            claimed[dev["job"].split("/")[1]] = claimed.get(dev["job"].split("/")[1], 0) + 1
-            assert kinds[-1] == "exit"
-    assert claimed.get("quantize") == 3 and claimed.get("base") == 1 and claimed.get("evaluate", 0) >= 3, claimed
-    assert "calibrate" not in claimed and "expert" not in claimed and "fetch" not in claimed, claimed
-    assert boards["gpu"] == boards["cpu"]

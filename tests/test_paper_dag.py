@@ -253,3 +253,43 @@ def test_pin_resolves_branches_to_commits_and_writes_them_in_place(tmp_path, mon
         asked.clear()
         assert cli.main(["pin", "--config", str(path)]) == 0 and asked == []  # commits stay: nothing to ask
         assert "revisions:" in capsys.readouterr().out
+
+
+def test_dag_on_mocked_gpus_claims_once_per_job_and_matches_the_cpu_run(paper_run, world, tmp_path):
+    """`device: cuda`, the suite on `device: auto`, 2 mocked GPUs (tests/fakecuda: the real claiming code,
+    computing on the CPU). The quantize job asks for a device twice (the quantizer, then the suite's
+    evaluation), which once made it wait an hour on its own lock; base (heads) and evaluate ask the suite.
+    Every job claims at most once, only GPU rules claim, and the leaderboard equals the CPU run's."""
+    from collections import defaultdict
+
+    fake = Path(__file__).resolve().parent / "fakecuda"
+    cfg = _config(world, {t: str(world / f"exp_{t}") for t in TASKS})
+    cfg["device"] = "cuda"
+    cfg["suites"][SUITE]["options"]["device"] = "auto"
+    (tmp_path / "paper.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    log = tmp_path / "claims.jsonl"
+    env = dict(_env(world), EPMQ_FAKE_CUDA="2", EPMQ_FAKE_CUDA_LOG=str(log), EPMQ_LOCK_DIR=str(tmp_path / "locks"),
+               EPMQ_GPU_WAIT_S="120", PYTHONPATH=os.pathsep.join(filter(None, [str(fake), os.environ.get("PYTHONPATH")])))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [str(BIN / "snakemake"), "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+           "--cores", "4", "--resources", "gpu=2", "--configfile", "paper.yaml"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    by_pid = defaultdict(list)
+    for line in log.read_text().splitlines():
+        e = json.loads(line)
+        by_pid[e["pid"]].append(e)
+    claimed = defaultdict(int)
+    for evs in by_pid.values():
+        kinds = [e["event"] for e in evs]
+        assert kinds.count("claim") <= 1 and kinds.count("device") <= 1, f"a job claimed twice: {evs}"
+        if "device" in kinds:
+            claimed[next(e for e in evs if e["event"] == "device")["job"].split("/")[1]] += 1
+            assert kinds[-1] == "exit", evs
+    assert dict(claimed) == {"base": 1, "quantize": 3, "evaluate": 4}, dict(claimed)  # + merge: lam fixed, no scoring
+
+    def board(work):
+        keep = ("model", "expert_task", "method", "seed", "task", "value", "n")
+        return sorted(tuple(row[k] for k in keep) for row in csv.DictReader((work / "reports" / "leaderboard.csv").open()))
+
+    assert board(tmp_path) == board(paper_run)
