@@ -287,8 +287,10 @@ def test_mha_block_roundtrip(tmp_path, batch_first, monkeypatch):
     assert torch.equal(loaded.attn.out_proj.weight, results["attn.out_proj.weight"].weight)
     assert torch.equal(loaded.attn.in_proj_bias, results["attn.in_proj_weight"].bias)
 
-    # slow path (grad enabled: parameters require grad in both models)
-    assert torch.equal(loaded(x), fq(x))
+    # slow path (grad enabled: parameters require grad in both models). The weights are bit-exact (above); the
+    # outputs agree up to float32 summation order: on some CPUs (seen on an AMD EPYC) the GEMM takes another
+    # kernel for the dequantized buffer and the batch_first outputs differ in the last bit (3.6e-7)
+    torch.testing.assert_close(loaded(x), fq(x), rtol=1e-6, atol=1e-6)
     # no_grad: batch_first=True takes MHA's fused fast path -- count it in both models
     calls = []
     native = torch._native_multi_head_attention
