@@ -43,6 +43,16 @@ def _sets(pairs) -> dict:
     return out
 
 
+def _checked_sets(args) -> dict:
+    """``--set`` knobs, ``--bits`` and ``--group-size`` checked as the config's are (one line naming the bad one)."""
+    from epmq.config import check_group_size, check_quant_knobs
+
+    if not 2 <= args.bits <= 8:
+        raise EPMQError(f"--bits={args.bits}: expected 2..8")
+    check_group_size("--group-size", args.group_size)
+    return check_quant_knobs("--set", _sets(args.set))
+
+
 def _grid(args):
     from epmq.config import load
 
@@ -97,13 +107,10 @@ def cmd_calibrate(args):
 
 def cmd_quantize(args):
     from epmq import pipeline
-    from epmq.config import QUANT_KNOBS, fmt_value
+    from epmq.config import fmt_value
 
     grid = _grid(args)
-    overrides = _sets(args.set)
-    for k in overrides:
-        if k not in QUANT_KNOBS:
-            raise EPMQError(f"--set {k}: unknown knob, expected one of {list(QUANT_KNOBS)}")
+    overrides = _checked_sets(args)
     qid = args.method + "".join(f".{k}={fmt_value(v)}" for k, v in sorted(overrides.items()))
     if args.suite not in grid.suites:
         raise EPMQError(f"--suite {args.suite}: not a key of suites: ({sorted(grid.suites)})")
@@ -124,14 +131,11 @@ def cmd_quantize(args):
 
 
 def cmd_export(args):
-    from epmq.config import QUANT_KNOBS, fmt_value
+    from epmq.config import fmt_value
     from epmq.export import export_cell
 
     grid = _grid(args)
-    overrides = _sets(args.set)
-    for k in overrides:
-        if k not in QUANT_KNOBS:
-            raise EPMQError(f"--set {k}: unknown knob, expected one of {list(QUANT_KNOBS)}")
+    overrides = _checked_sets(args)
     qid = args.method + "".join(f".{k}={fmt_value(v)}" for k, v in sorted(overrides.items()))
     spec = _spec(grid, args)
     qcfg = {"method": args.method, "bits": args.bits, "group_size": args.group_size,

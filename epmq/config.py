@@ -16,6 +16,7 @@ Identifiers used in file paths:
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,114 @@ def fmt_value(v) -> str:
     if isinstance(v, float) and v.is_integer() and abs(v) < 1e6:
         return str(int(v)) if abs(v) >= 1 else repr(v)
     return repr(v) if isinstance(v, float) else str(v)
+
+
+_PATH_SAFE = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+def _schema() -> dict:
+    import yaml
+
+    return yaml.safe_load(schema_path().read_text())
+
+
+def check_quant_knobs(where: str, knobs: dict, *, _cache={}) -> dict:
+    """Each knob of ``knobs`` is a QuantConfig knob with a value of the schema's type and range (the CLI's
+    ``--set``, ``quantize.params``, a suite's ``quantize:``, every sweep value). One-line error naming the knob."""
+    import jsonschema
+
+    if "props" not in _cache:
+        _cache["props"] = _schema()["properties"]["quantize"]["properties"]["params"]["properties"]
+    props = _cache["props"]
+    for k, v in knobs.items():
+        name = f"{where} {k}" if where.startswith("--") else f"{where}.{k}"
+        if k not in props:
+            raise EPMQError(f"{name}: unknown knob, expected one of {list(QUANT_KNOBS)}")
+        err = jsonschema.exceptions.best_match(jsonschema.Draft7Validator(props[k]).iter_errors(v))
+        if err is not None:
+            raise EPMQError(f"{name}={v!r}: {err.message}")
+    return knobs
+
+
+def check_group_size(where: str, group_size) -> int:
+    allowed = _schema()["properties"]["quantize"]["properties"]["group_size"]["items"]["enum"]
+    if isinstance(group_size, bool) or group_size not in allowed:
+        raise EPMQError(f"{where}={group_size!r}: expected one of {allowed}")
+    return int(group_size)
+
+
+def _literal_defaults(module: str) -> dict | None:
+    """A module's ``DEFAULTS`` dict read from its source (no import: a suite module may import torch); names
+    bound to literals earlier in the module are resolved, others (imports) read as None (= any value)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        return None
+    env: dict = {}
+
+    class Names(ast.NodeTransformer):
+        def visit_Name(self, node):
+            return ast.copy_location(ast.Constant(env.get(node.id)), node)
+
+    for node in ast.parse(Path(spec.origin).read_text()).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                env[node.targets[0].id] = ast.literal_eval(Names().visit(node.value))
+            except ValueError:
+                continue
+    return env.get("DEFAULTS")
+
+
+def suite_defaults(kind: str) -> dict | None:
+    from epmq.suites import SUITES
+
+    return _literal_defaults(SUITES[kind].split(":")[0])
+
+
+def _type_like(default) -> str | None:
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        return "boolean"
+    if isinstance(default, int):
+        return "integer"
+    if isinstance(default, float):
+        return "number"
+    if isinstance(default, str):
+        return "string"
+    if isinstance(default, (list, tuple)):
+        return "list"
+    if isinstance(default, dict):
+        return "mapping"
+    return None
+
+
+def check_like(where: str, value, default) -> None:
+    """``value`` has the type of ``default`` (an option's or hyperparameter's default; None: anything). A
+    number default takes any int or float, an integer default only integers; bools are never numbers."""
+    want = _type_like(default)
+    ok = {
+        None: lambda v: True,
+        "boolean": lambda v: isinstance(v, bool),
+        "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "string": lambda v: isinstance(v, str),
+        "list": lambda v: isinstance(v, (list, tuple)),
+        "mapping": lambda v: isinstance(v, dict),
+    }[want]
+    if value is not None and not ok(value):
+        raise EPMQError(f"{where}={value!r}: expected {'an' if want[0] in 'ai' else 'a'} {want} (default {default!r})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise EPMQError(f"{where}={value!r}: expected a finite number")
+
+
+def check_path_component(where: str, text: str) -> str:
+    """``text`` becomes part of a file path: letters, digits, ``_ . + -`` only."""
+    if not _PATH_SAFE.match(text) or text in (".", ".."):
+        raise EPMQError(f"{where}: {text!r} becomes part of a file path; use letters, digits, '_', '.', '+', '-'")
+    return text
 
 
 @dataclass(frozen=True)
@@ -164,13 +273,18 @@ def expand(config: dict) -> Grid:
         if kind not in SUITES:
             raise EPMQError(f"suites.{sid}.type={kind!r}: expected one of {sorted(SUITES)}")
         options = dict(sorted((s.get("options") or {}).items()))  # canonical order: params compare equal
+        defaults = suite_defaults(kind)
+        if defaults is not None:
+            for k, v in options.items():
+                if k not in defaults:
+                    raise EPMQError(f"suites.{sid}.options.{k}: not an option of suite type {kind} "
+                                    f"(has {sorted(defaults)})")
+                check_like(f"suites.{sid}.options.{k}", v, defaults[k])
         tasks = _suite_tasks(kind, options)
         if len(tasks) < 1:
             raise EPMQError(f"suites.{sid}: no tasks")
         own = dict(sorted((s.get("quantize") or {}).items()))
-        for k in own:
-            if k not in QUANT_KNOBS:
-                raise EPMQError(f"suites.{sid}.quantize.{k}: unknown knob, expected some of {list(QUANT_KNOBS)}")
+        check_quant_knobs(f"suites.{sid}.quantize", own)
         grid.suites[sid] = {"type": kind, "options": options, "tasks": tasks, "seed": int(s.get("seed", 0)),
                             "quantize": own}
     if not grid.suites:
@@ -192,17 +306,20 @@ def expand(config: dict) -> Grid:
         for k in [*params, *select]:
             if k not in known:
                 raise EPMQError(f"merges.{mid}: {k!r} is not a parameter of {method} (has {sorted(known)})")
+        defaults = MERGES[method].defaults
+        for k, v in params.items():
+            check_like(f"merges.{mid}.params.{k}", v, defaults[k])
         for k, v in select.items():
             if not v:
                 raise EPMQError(f"merges.{mid}.select.{k}: empty list")
+            for i, c in enumerate(v):
+                check_like(f"merges.{mid}.select.{k}[{i}]", c, defaults[k])
         grid.merges[mid] = {"method": method, "params": params, "select": select}
     if not grid.merges:
         raise EPMQError("config: merges: is empty")
 
     q = config["quantize"]
-    for k in q.get("params", {}):
-        if k not in QUANT_KNOBS:
-            raise EPMQError(f"quantize.params.{k}: unknown knob, expected some of {list(QUANT_KNOBS)}")
+    check_quant_knobs("quantize.params", q.get("params", {}))
     seeds = [int(s) for s in config["calibration"]["seeds"]]
     if not seeds:
         raise EPMQError("calibration.seeds: empty list")
@@ -262,7 +379,9 @@ def expand(config: dict) -> Grid:
         check_merges(where, sw.get("merges") or list(grid.merges))
         check_suites(where, sw.get("suites"))
         sw_seeds = check_seeds(where, sw.get("seeds"))
-        for v in sw["values"]:
+        for j, v in enumerate(sw["values"]):
+            check_quant_knobs(f"{where}.values[{j}]", {sw["param"]: v})
+            check_path_component(f"{where}.values[{j}]", fmt_value(v))
             add([sw["method"]], sw.get("bits") or q["bits"], q["group_size"], sw.get("merges") or list(grid.merges),
                 ((sw["param"], v),), suites=sw.get("suites"), run_seeds=sw_seeds)
     for b in {r.bits for r in grid.runs}:

@@ -328,8 +328,15 @@ def load_calibration(path, tasks) -> list[list]:
         meta = f.metadata() or {}
     if json.loads(meta.get("tasks", "[]")) != list(tasks):
         raise EPMQError(f"{path}: calibration tasks {meta.get('tasks')} != suite tasks {list(tasks)}")
+    try:
+        counts = json.loads(meta["batches"])
+    except (KeyError, ValueError):
+        raise EPMQError(f"{path}: no batch counts in its metadata (not a calibration file?)") from None
     out = []
-    for t, nb in ((t, json.loads(meta["batches"])[t]) for t in tasks):
+    for t in tasks:
+        nb = counts.get(t, 0)
+        if not isinstance(nb, int) or nb < 1:
+            raise EPMQError(f"{path}: task {t!r} has no calibration batches ({nb!r}); rebuild it (rule calibrate)")
         batches = []
         for i in range(nb):
             key = f"{t}/{i:05d}"
@@ -337,6 +344,9 @@ def load_calibration(path, tasks) -> list[list]:
                 batches.append(sd[key])
             else:
                 batches.append({k[len(key) + 1:]: v for k, v in sd.items() if k.startswith(key + "/")})
+            b = batches[-1]
+            if (len(b) == 0) if isinstance(b, dict) else (b.numel() == 0):
+                raise EPMQError(f"{path}: batch {key} is missing or empty; rebuild it (rule calibrate)")
         out.append(batches)
     return out
 
@@ -440,6 +450,9 @@ def _evaluate_encoder(spec: dict, suite, suite_id: str, model: str, encoder, sid
     from epmq.config import fmt_value
 
     kind = parse_model_id(model)
+    for k, v in encoder.state_dict().items():  # NaN weights score chance accuracy: never a valid record
+        if v.is_floating_point() and not all_finite(v):
+            raise EPMQError(f"{model}: weight {k} has NaN/Inf; not evaluated (rebuild the model that wrote it)")
     t0 = time.perf_counter()
     if kind["model"] == "expert":
         task = kind["expert_task"]
@@ -490,7 +503,7 @@ def report(eval_paths, out_dir, *, benchmarks=(), meta: dict | None = None, anch
         parts = p.with_suffix("").parts
         key = (parts[parts.index("eval") - 1], *parts[parts.index("eval") + 2:]) if "quant" in parts else None
         benches.append(by_run.get(key) if key else None)
-    return build_leaderboard(load_runs(eval_paths, benches), out_dir, meta=meta, anchors=anchors)
+    return build_leaderboard(load_runs(eval_paths, benches, complete=True), out_dir, meta=meta, anchors=anchors)
 
 
 def run_meta(grid) -> dict:

@@ -712,6 +712,14 @@ def test_config_anchors_default_and_paper_configs():
 def test_pipeline_report_passes_anchors(data, quoted, tmp_path):
     from epmq.pipeline import report
 
-    out = report(data["paths"], tmp_path / "out", meta=data["meta"], anchors=ANCHORS)
+    # the workflow's report refuses a record missing a task (the synthetic second suite has one) ...
+    with pytest.raises(EPMQError, match=r"no result for task\(s\) \['sst2'\], which other minilm/v2 runs have"):
+        report(data["paths"], tmp_path / "refused", meta=data["meta"], anchors=ANCHORS)
+    assert not (tmp_path / "refused").exists()
+    # ... and on complete records passes the anchors through as build_leaderboard does
+    paths = [p for p in data["paths"] if not ('"minilm/v2"' in p.read_text() and '"quantized"' in p.read_text())]
+    out = report(paths, tmp_path / "out", meta=data["meta"], anchors=ANCHORS)
+    ref = build_leaderboard(load_runs(paths), tmp_path / "ref", meta=data["meta"],
+                            anchors=json.loads(json.dumps(ANCHORS)))
     for key in ("csv", "md", "html"):
-        assert out[key].read_bytes() == quoted["out"][key].read_bytes(), key
+        assert out[key].read_bytes() == ref[key].read_bytes(), key

@@ -237,13 +237,18 @@ def read_benchmark(path: str | Path) -> dict:
     return {"seconds": statistics.median(secs) if secs else None, "max_rss_mb": max(rss) if rss else None}
 
 
-def load_runs(eval_paths: Iterable[str | Path], bench_paths: Iterable[str | Path | None] | None = None) -> list[dict]:
+def load_runs(eval_paths: Iterable[str | Path], bench_paths: Iterable[str | Path | None] | None = None, *,
+              complete: bool = False) -> list[dict]:
     """Read and check the evaluation JSONs, in the given order, as normalised run dicts (``source`` = path).
 
     ``bench_paths``, when given, runs parallel to ``eval_paths`` (entries may be None): the Snakemake benchmark
     TSV of each run's quantize job. It fills ``cost.quantize_seconds`` (only where the JSON has none: the
     evaluator's own timing excludes process start-up) and ``cost.peak_rss_mb`` (the job's max_rss, which wins
     over a JSON value: it is the whole job's peak, the number a user has to provision for).
+
+    ``complete`` (the workflow's report): every model but the experts must have a result for every task its
+    suite's other runs have, else one error naming the record. Without it such a run shows "–" for the missing
+    task and no Avg (the library's tolerant reading, for records assembled by hand).
     """
     if isinstance(eval_paths, (str, Path)):
         eval_paths = [eval_paths]
@@ -281,4 +286,21 @@ def load_runs(eval_paths: Iterable[str | Path], bench_paths: Iterable[str | Path
             if b["max_rss_mb"] is not None:
                 run["cost"]["peak_rss_mb"] = b["max_rss_mb"]
         runs.append(run)
+    if complete:
+        _check_complete(runs)
     return runs
+
+
+def _check_complete(runs: list[dict]) -> None:
+    """Every model except the experts (scored on their own task) has a result for every task its suite's other
+    models have: an Avg over fewer tasks, or a seed dropped from a mean, must never pass silently."""
+    tasks: dict[str, set] = {}
+    for r in runs:
+        if r["model"] != "expert":
+            tasks.setdefault(r["suite"], set()).update(r["tasks"])
+    for r in runs:
+        if r["model"] != "expert":
+            missing = sorted(tasks[r["suite"]] - set(r["tasks"]))
+            if missing:
+                _fail(r["source"], f"no result for task(s) {missing}, which other {r['suite']} runs have "
+                                   "(re-run this evaluation)")
