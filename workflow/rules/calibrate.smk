@@ -11,7 +11,8 @@ rule calibrate:
         "../../envs/epmq.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=ask_mem(by_suite),
+        runtime=ask_minutes(by_suite),
     params:
         spec=spec,
         batch_size=CAL["batch_size"],

@@ -27,13 +27,33 @@ wildcard_constraints:
     model=r"base|experts/[^/]+|merged/[^/]+",  # quantized models: evaluated by their quantize job
 
 
-# suites whose evaluation needs an accelerator (the embedded suites evaluate on CPU)
+# suites whose models run on an accelerator outside quantization too: building zero-shot heads (base), scoring
+# merge candidates on validation (merge) and evaluation; the embedded suites do all of that on the CPU
 GPU_EVAL_SUITES = {"clip", "t5-glue"}
 
 
-def eval_gpus(wildcards):
+def suite_gpus(wildcards):
+    """GPUs a base / merge / evaluate job asks for: a job granted none computes on the CPU (epmq.device)."""
     gpu_suite = GRID.suites[wildcards.suite]["type"] in GPU_EVAL_SUITES
     return 1 if gpu_suite and DEVICE != "cpu" else 0
+
+
+# suites whose downloads need preprocessing (clip: decoding and resizing images; t5-glue: tokenizing): CPU work
+# of minutes to hours, so it runs in its own job (rule preprocess, a cluster job) after the download (rule fetch,
+# a local rule on the submit host); the embedded suites' fetch is a registry install of small data sets
+PREPROCESS_SUITES = {"clip", "t5-glue"}
+
+
+def preprocessed_later(wildcards):
+    return GRID.suites[wildcards.suite]["type"] in PREPROCESS_SUITES
+
+
+def fetched(wildcards):
+    """What a suite's base job waits for: its downloads, and their preprocessing where the suite has one."""
+    out = [f"{R}/{wildcards.suite}/fetched.json"]
+    if preprocessed_later(wildcards):
+        out.append(f"{R}/{wildcards.suite}/preprocessed.json")
+    return out
 
 
 def spec(wildcards):
@@ -73,3 +93,6 @@ def weights_of(wildcards):
     if m.startswith("experts/"):
         return [f"{R}/{wildcards.suite}/{m}.safetensors"]
     return [f"{R}/{wildcards.suite}/{m}.safetensors", f"{R}/{wildcards.suite}/{m}.json"]
+
+
+include: "resources.smk"

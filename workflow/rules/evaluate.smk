@@ -11,8 +11,9 @@ rule evaluate:
         "../../envs/epmq.yaml"
     threads: THREADS
     resources:
-        gpu=eval_gpus,
-        mem_mb=4000,
+        gpu=suite_gpus,
+        mem_mb=ask_mem(evaluate_ask),
+        runtime=ask_minutes(evaluate_ask),
     params:
         spec=spec,
     script:

@@ -1,5 +1,6 @@
 # Downloads (hub models and datasets) or registry installs (embedded data) happen here only: a local rule, so
-# on a cluster the compute jobs never need internet.
+# on a cluster they run on the submit host and the compute jobs never need internet. A hub suite's downloads
+# are preprocessed by the next rule, a cluster job (PREPROCESS_SUITES in common.smk).
 rule fetch:
     output:
         f"{R}/{{suite}}/fetched.json",
@@ -13,13 +14,36 @@ rule fetch:
     threads: THREADS
     params:
         spec=spec,
+        download_only=preprocessed_later,
     script:
         "../scripts/fetch.py"
 
 
-rule base:
+# reads the local caches only (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE default to 1 in its script)
+rule preprocess:
     input:
         rules.fetch.output,
+    output:
+        f"{R}/{{suite}}/preprocessed.json",
+    log:
+        "logs/preprocess/{suite}.log",
+    benchmark:
+        "benchmarks/preprocess/{suite}.tsv"
+    conda:
+        "../../envs/epmq.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=ask_mem(by_suite),
+        runtime=ask_minutes(by_suite),
+    params:
+        spec=spec,
+    script:
+        "../scripts/preprocess.py"
+
+
+rule base:
+    input:
+        fetched,
     output:
         f"{R}/{{suite}}/base.safetensors",
     log:
@@ -30,7 +54,9 @@ rule base:
         "../../envs/epmq.yaml"
     threads: THREADS
     resources:
-        mem_mb=4000,
+        gpu=suite_gpus,
+        mem_mb=ask_mem(by_suite),
+        runtime=ask_minutes(by_suite),
     params:
         spec=spec,
     script:
@@ -50,7 +76,8 @@ rule expert:
         "../../envs/epmq.yaml"
     threads: THREADS
     resources:
-        mem_mb=4000,
+        mem_mb=ask_mem(expert_ask),
+        runtime=ask_minutes(expert_ask),
     params:
         spec=spec,
     script:

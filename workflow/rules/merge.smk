@@ -13,7 +13,9 @@ rule merge:
         "../../envs/epmq.yaml"
     threads: THREADS
     resources:
-        mem_mb=4000,
+        gpu=suite_gpus,
+        mem_mb=ask_mem(merge_ask),
+        runtime=ask_minutes(merge_ask),
     params:
         spec=spec,
         merge=lambda w: GRID.merges[w.merge],

@@ -15,7 +15,8 @@ rule quantize:
     threads: THREADS
     resources:
         gpu=0 if DEVICE == "cpu" else 1,
-        mem_mb=8000,
+        mem_mb=ask_mem(quantize_ask),
+        runtime=ask_minutes(quantize_ask),
     params:
         spec=spec,
         qcfg=lambda w: GRID.quant_config(w.quantizer, w.bits, w.group, w.suite),

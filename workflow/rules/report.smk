@@ -1,3 +1,5 @@
+# reads the run records and benchmark files, writes tables and figures: a few seconds, so on a cluster it runs
+# on the submit host (a local rule) instead of waiting in the queue
 rule report:
     input:
         evals=GRID.eval_paths(),
@@ -24,6 +26,7 @@ rule report:
         "logs/report/report.log",
     benchmark:
         "benchmarks/report/report.tsv"
+    localrule: True
     conda:
         "../../envs/epmq.yaml"
     threads: 1
