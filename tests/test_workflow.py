@@ -208,13 +208,7 @@ def test_cli_error_is_one_line(tmp_path):
 # ------------------------------------------------------------------ the whole DAG
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """The tiny config, run end to end in a fresh folder."""
-    work = tmp_path_factory.mktemp("dag")
-    shutil.copy(ROOT / "configs" / "tiny.yaml", work / "tiny.yaml")
-    _snakemake("--cores", "2", "--configfile", "tiny.yaml", cwd=work)
-    return work
+# tiny_run (tests/conftest.py): configs/tiny.yaml run end to end in a fresh folder, once per session
 
 
 def test_dag_leaderboard_matches_run_records(tiny_run):
