@@ -54,7 +54,7 @@ def _unavailable(reason: str):
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory, request):
-    """A running single-node Slurm cluster (tests/slurm/cluster.sh), stopped at the end of the session."""
+    """A running single-node Slurm cluster (tests/slurm/cluster.sh), stopped when the test run ends."""
     missing = [d for d in DAEMONS if shutil.which(d) is None]
     if missing:
         _unavailable(f"Slurm is not installed (missing {', '.join(missing)}; Debian: apt-get install -y "

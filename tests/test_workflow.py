@@ -208,7 +208,7 @@ def test_cli_error_is_one_line(tmp_path):
 # ------------------------------------------------------------------ the whole DAG
 
 
-# tiny_run (tests/conftest.py): configs/tiny.yaml run end to end in a fresh folder, once per session
+# tiny_run (tests/conftest.py): configs/tiny.yaml run end to end in a fresh folder, once per test run
 
 
 def test_dag_leaderboard_matches_run_records(tiny_run):
