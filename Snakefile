@@ -1,7 +1,5 @@
 # epmq: experts -> merge -> calibrate -> quantize (RTN, GPTQ, E-PMQ) -> evaluate -> leaderboard.
-# Run: snakemake --cores all [--resources gpu=N] [--profile profiles/slurm]; results in reports/.
-import os
-
+# Run: snakemake --cores all [--resources gpu=N] [--workflow-profile profiles/slurm]; results in reports/.
 from snakemake.utils import min_version
 
 import epmq.config
@@ -9,10 +7,7 @@ import epmq.config
 min_version("8.0")
 
 # jobs import epmq from this checkout: a conda env built from envs/epmq.yaml (--sdm conda) does not install it
-if workflow.basedir not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")])
-    )
+epmq.config.put_on_jobs_path(workflow.basedir)
 
 
 # config.yaml is the default grid; a --configfile given on the command line replaces it (not merged into it).

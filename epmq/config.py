@@ -418,6 +418,16 @@ def load(path: str | Path) -> Grid:
     return expand(config)
 
 
+def put_on_jobs_path(folder: str) -> None:
+    """Put ``folder`` (the checkout holding the Snakefile) first on the ``PYTHONPATH`` the workflow's jobs inherit,
+    so they import this checkout's epmq also where it is not installed (a conda env built from envs/epmq.yaml)."""
+    import os
+
+    parts = [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x]
+    if str(folder) not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(folder), *parts])
+
+
 def schema_path() -> Path:
     return Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 

@@ -5,6 +5,7 @@ Snakemake 9's flag. Building it needs conda and the conda-forge channel, which t
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -61,5 +62,8 @@ def test_docs_use_snakemake_9_flag():
 
 def test_jobs_import_epmq_from_the_checkout():
     """A conda env does not install epmq: the Snakefile puts this checkout on the jobs' PYTHONPATH."""
-    snakefile = (ROOT / "Snakefile").read_text()
-    assert 'os.environ["PYTHONPATH"]' in snakefile and "workflow.basedir" in snakefile
+    assert "epmq.config.put_on_jobs_path(workflow.basedir)" in (ROOT / "Snakefile").read_text()
+    code = ("import os, epmq.config as c; os.environ['PYTHONPATH'] = 'a'; c.put_on_jobs_path('/ck'); "
+            "c.put_on_jobs_path('/ck'); print(os.environ['PYTHONPATH'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [os.pathsep.join(["/ck", "a"])]
