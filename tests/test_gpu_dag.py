@@ -93,7 +93,7 @@ def gpu_work(tmp_path_factory):
 
 
 @pytest.mark.parametrize("n_gpus", [2, 1, 4])
-def test_dag_on_mocked_gpus_claims_distinct_devices(gpu_work, n_gpus):
+def test_dag_on_mocked_gpus_claims_distinct_devices(gpu_work, n_gpus, tiny_run):
     if n_gpus != 2:  # the first run (2 devices) built everything; later ones redo the GPU jobs only
         if not (gpu_work / "reports-tiny" / "leaderboard.csv").exists():
             pytest.skip("needs the 2-device run")
@@ -107,6 +107,8 @@ def test_dag_on_mocked_gpus_claims_distinct_devices(gpu_work, n_gpus):
         assert len({j[0] for j in jobs.values()}) >= 2
     if n_gpus != 2:
         assert _leaderboard(gpu_work) == before
+    else:
+        assert _leaderboard(gpu_work) == _leaderboard(tiny_run)  # the CPU run (tests/conftest.py)
     records = list((gpu_work / "results-tiny" / "tiny-vit" / "quant").rglob("*.json"))
     assert len(records) == 9
 
