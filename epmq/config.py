@@ -142,6 +142,11 @@ def _type_like(default) -> str | None:
     return None
 
 
+#: suite options whose value may take another shape than their default's: the hub suites' ``experts`` is a
+#: format string with ``{task}`` or a mapping task -> source
+_OPTION_ALSO = {"experts": "mapping"}
+
+
 def check_like(where: str, value, default) -> None:
     """``value`` has the type of ``default`` (an option's or hyperparameter's default; None: anything). A
     number default takes any int or float, an integer default only integers; bools are never numbers."""
@@ -155,6 +160,9 @@ def check_like(where: str, value, default) -> None:
         "list": lambda v: isinstance(v, (list, tuple)),
         "mapping": lambda v: isinstance(v, dict),
     }[want]
+    also = _OPTION_ALSO.get(where.rsplit(".", 1)[-1]) if ".options." in where else None
+    if also == "mapping" and isinstance(value, dict):
+        return
     if value is not None and not ok(value):
         raise EPMQError(f"{where}={value!r}: expected {'an' if want[0] in 'ai' else 'a'} {want} (default {default!r})")
     if isinstance(value, float) and not math.isfinite(value):

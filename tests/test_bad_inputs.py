@@ -78,6 +78,17 @@ def test_bad_config_value_is_one_line_naming_it(path, value, message):
     assert "\n" not in text and message in text, text
 
 
+def test_hub_experts_option_takes_a_format_string_or_a_mapping():
+    from epmq.config import check_like
+
+    check_like("suites.c.options.experts", {"mnist": "path/a"}, "tanganke/x_{task}")
+    check_like("suites.c.options.experts", "org/x_{task}", "tanganke/x_{task}")
+    with pytest.raises(EPMQError, match=r"suites.c.options.experts=3: expected a string"):
+        check_like("suites.c.options.experts", 3, "tanganke/x_{task}")
+    with pytest.raises(EPMQError, match=r"suites.c.options.base=\{'a': 1\}: expected a string"):
+        check_like("suites.c.options.base", {"a": 1}, "openai/clip")
+
+
 def test_the_shipped_configs_pass_the_checks():
     for f in [ROOT / "config.yaml", *sorted((ROOT / "configs").rglob("*.yaml"))]:
         _check(yaml.safe_load(f.read_text()))
