@@ -57,7 +57,8 @@ METHODS = ("task_arithmetic", "ties")
 CSV_COLUMNS = [
     "method", "mode", "seconds", "process_seconds", "peak_rss_mb", "peak_anon_mb", "peak_file_mb", "candidates",
     "chosen_lam", "same_bytes_as_whole", "sha256", "note", "arch", "blocks", "experts", "dtype", "checkpoint_mb",
-    "largest_key", "largest_key_mb", "model_mb", "threads", "device_name", "mem_total_gb", "torch_version", "python_version",
+    "largest_key", "largest_key_mb", "model_mb", "threads", "device_name", "mem_total_gb", "torch_version",
+    "python_version",
 ]
 
 

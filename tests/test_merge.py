@@ -628,7 +628,8 @@ def test_streamed_file_equals_the_saved_in_memory_merge_byte_for_byte(tmp_path):
             for key, tensor in stream.tensors(order=writer.order):
                 writer.write(key, tensor)
         assert writer.path.read_bytes() == before.read_bytes(), method
-    assert sorted(p.name for p in (tmp_path / "after").iterdir()) == sorted(p.name for p in (tmp_path / "before").iterdir())
+    after, before = (sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("after", "before"))
+    assert after == before  # no temp file left
 
 
 def test_safetensors_stream_writes_what_save_file_writes(tmp_path):
@@ -639,7 +640,8 @@ def test_safetensors_stream_writes_what_save_file_writes(tmp_path):
     for i, dtype in enumerate(dtypes):
         for name in ("b", "a.x", "Z", "é"):  # name order within a dtype: by code point, as safetensors sorts
             tensors[f"{name}{i}"] = torch.randint(0, 100, (3, i % 4 + 1), generator=gen).to(dtype)
-    tensors |= {"scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3), "strided": torch.randn(4, 5, generator=gen).t()}
+    tensors |= {"scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
+                "strided": torch.randn(4, 5, generator=gen).t()}
     layout = {k: (v.dtype, v.shape) for k, v in tensors.items()}
     for meta in (None, {"epmq_merge": '{"lam": 0.3}'}, {"odd": "a\n\u2028é\"/\x7f\x01\\"}):
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "ref.safetensors", metadata=meta)
@@ -725,4 +727,30 @@ def test_merge_job_selects_streamed_and_writes_what_it_wrote_before(tmp_path, mo
     monkeypatch.setattr(suite, "evaluate_all", lambda enc, split: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         pipeline.merge({}, "bad", "ties", {}, {"lam": lams}, tmp_path / "merged" / "bad.safetensors")
-    assert sorted(p.name for p in out.parent.iterdir()) == ["ta.json", "ta.safetensors", "ties.json", "ties.safetensors"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ta.json", "ta.safetensors", "ties.json",
+                                                            "ties.safetensors"]
+
+
+def test_merge_bench_smoke(tmp_path):
+    """bench/merge_bench.py on a tiny tower (not a benchmark): both job forms run, write the same bytes, and
+    the CSV has its columns."""
+    import csv
+    import importlib.util
+
+    if importlib.util.find_spec("open_clip") is None:
+        pytest.skip("open_clip is not installed")
+    bench = Path(__file__).resolve().parents[1] / "bench" / "merge_bench.py"
+    spec = importlib.util.spec_from_file_location("merge_bench", bench)
+    mb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mb)
+    out = tmp_path / "r.csv"
+    args = mb.parse_args(["--width", "64", "--blocks", "1", "--experts", "2", "--methods", "ties",
+                          "--dir", str(tmp_path / "ckpt"), "--out", str(out)])
+    rows = mb.bench(args)
+    mb.write_csv(rows, out, mb.CSV_COLUMNS)
+    assert [(r["mode"], r["same_bytes_as_whole"], r["note"]) for r in rows] == [("whole", "-", ""),
+                                                                               ("stream", "true", "")]
+    assert all(r["peak_rss_mb"] > 0 and r["seconds"] > 0 for r in rows)
+    with open(out, newline="") as f:
+        assert csv.DictReader(f).fieldnames == mb.CSV_COLUMNS
+    assert not (tmp_path / "ckpt").exists()  # the checkpoints are deleted afterwards
