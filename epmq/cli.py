@@ -13,6 +13,7 @@ to the same paths (:data:`epmq.pipeline.PATTERNS`), through the same functions t
     epmq run       [-- snakemake options]                # the whole DAG: snakemake --cores all ...
     epmq grid                                            # what the config expands to
     epmq pin       [--write | --check]                   # hub revisions: branches -> commits (internet)
+    epmq digest    results/ [--against before.txt]       # hashes of records + weights, timings left out
 """
 
 from __future__ import annotations
@@ -299,6 +300,26 @@ def cmd_pin(args):
     print(f"wrote {path}")
 
 
+def cmd_digest(args):
+    from epmq.report import digest as dg
+
+    d = dg.digest(args.folder)
+    if args.out:
+        from epmq.io import write_text_atomic
+
+        write_text_atomic(args.out, dg.dumps(d))
+    if args.against is None:
+        if not args.out:
+            sys.stdout.write(dg.dumps(d))
+        return
+    diff = dg.compare(dg.loads(Path(args.against).read_text()), d)
+    for line in diff:
+        print(line)
+    if diff:
+        raise EPMQError(f"{len(diff)} of {len(d)} files differ from {args.against}")
+    print(f"{len(d)} files, identical to {args.against}")
+
+
 def cmd_run(args, extra):
     import shutil
 
@@ -377,6 +398,11 @@ def main(argv=None) -> int:
     how.add_argument("--write", action="store_true", help="write the commits into the config file")
     how.add_argument("--check", action="store_true", help="no network: fail unless every hub model and dataset "
                      "is pinned to a commit")
+    sp = sub.add_parser("digest", help="hash every record (timings left out) and weight file of a results folder",
+                        description="hash every record (timings left out) and weight file of a results folder")
+    sp.add_argument("folder")
+    sp.add_argument("--out", help="write the digest to this file")
+    sp.add_argument("--against", help="compare with a digest written before; exit 2 on any difference")
     sp = sub.add_parser("run", help="run the whole DAG with Snakemake (extra options go to snakemake)",
                         description="snakemake --cores CORES [--configfile CONFIG] [extra snakemake options]")
     sp.add_argument("--config", default="config.yaml")

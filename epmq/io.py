@@ -22,6 +22,14 @@ def write_json_atomic(path: str | Path, obj) -> Path:
     return path
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    tmp = _tmp(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
 def save_safetensors_atomic(path: str | Path, tensors: dict, metadata: dict | None = None) -> Path:
     """Save ``tensors`` (detached, contiguous, on CPU) as safetensors with string ``metadata``."""
     from safetensors.torch import save_file
