@@ -137,7 +137,7 @@ class Model:
         _segment("suite", self.suite, f"{self.KIND} model")
 
     def fields(self) -> dict:
-        """The template's wildcard values (strings)."""
+        """The template's wildcard values."""
         return {}
 
     @classmethod

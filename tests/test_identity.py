@@ -44,7 +44,8 @@ def test_paths_are_the_ones_the_workflow_always_wrote():
     assert r.record("results") == "results/tiny-vit/quant/task_arithmetic/epmq.lam_w=0.1/w2g-1/s1.json"
     assert r.eval_record("res") == "res/tiny-vit/eval/quant/task_arithmetic/epmq.lam_w=0.1/w2g-1/s1.json"
     assert r.benchmark() == "benchmarks/quantize/tiny-vit/task_arithmetic/epmq.lam_w=0.1/w2g-1/s1.tsv"
-    assert r.job_file("logs", "quantize", ".log") == "logs/quantize/tiny-vit/task_arithmetic/epmq.lam_w=0.1/w2g-1/s1.log"
+    assert r.job_file("logs", "quantize", ".log") == \
+        "logs/quantize/tiny-vit/task_arithmetic/epmq.lam_w=0.1/w2g-1/s1.log"
     assert [RUNS[i].quantizer for i in (3, 4, 5, 7)] == [
         "epmq.lam_w=1e-05", "epmq.lam_w=1", "gptq.act_order=true.damp=0.01", "epmq.alpha=-0.5.block_size=64"]
     assert r.merged().weights("R") == "R/tiny-vit/merged/task_arithmetic.safetensors"
@@ -66,7 +67,8 @@ def test_patterns_are_the_rules_wildcard_patterns():
         "quant": "{results}/{suite}/quant/{merge}/{quantizer}/w{bits}g{group}/s{seed}.safetensors",
         "eval": "{results}/{suite}/eval/{model}.json",
     }
-    assert QuantRun.job_pattern("logs", "quantize", ".log") == "logs/quantize/{suite}/{merge}/{quantizer}/w{bits}g{group}/s{seed}.log"
+    assert QuantRun.job_pattern("logs", "quantize", ".log") == \
+        "logs/quantize/{suite}/{merge}/{quantizer}/w{bits}g{group}/s{seed}.log"
     assert Base.job_pattern("logs", "base", ".log") == "logs/base/{suite}.log"
     assert Expert.job_pattern("benchmarks", "expert", ".tsv") == "benchmarks/expert/{suite}/{task}.tsv"
     assert Calib.job_pattern("logs", "calibrate", ".log") == "logs/calibrate/{suite}/n{n}_s{seed}.log"
