@@ -59,6 +59,12 @@ def test_dry_run_of_every_shipped_config(config, tmp_path):
     # base / experts / merged models are evaluate jobs; quantized models are evaluated by their quantize job
     n_eval = sum(len(grid.eval_targets(s)) for s in grid.suites) - len(grid.runs)
     assert f"evaluate {n_eval}" in " ".join(out.split())
+    # what a quantize job reads is declared: the merged model and its merge record, the base (the heads)
+    for block in out.split("rule quantize:")[1:]:
+        inputs = block.split("input: ", 1)[1].split("\n", 1)[0].split(", ")
+        assert {p.rsplit("/", 2)[-2] + "/" + p.rsplit(".", 1)[-1] for p in inputs} >= {
+            "merged/safetensors", "merged/json"}, inputs
+        assert any(p.endswith("/base.safetensors") for p in inputs), inputs
 
 
 def test_schema_enums_match_registries():
