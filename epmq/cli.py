@@ -92,7 +92,8 @@ def cmd_merge(args):
         raise EPMQError(f"--merge {args.merge!r}: not in the config (has {sorted(grid.merges)})")
     m = grid.merges[args.merge]
     out = args.out or _path(grid, "merged", suite=args.suite, merge=args.merge)
-    rec = pipeline.merge(_spec(grid, args), args.merge, m["method"], m["params"], m["select"], out)
+    rec = pipeline.merge(_spec(grid, args), args.merge, m["method"], m["params"], m["select"], out,
+                         calib=grid.merge_calib(args.suite, args.merge))
     print(f"{out}: {m['method']} {rec['params']}")
 
 

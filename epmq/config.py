@@ -213,6 +213,16 @@ class Grid:
         """The quoted reference numbers of ``suite`` (``anchors:``; empty when it has none)."""
         return list(self.anchors.get(suite, []))
 
+    def merge_calib(self, suite: str, merge: str) -> str | None:
+        """The calibration file a data-aware merge (``needs_calibration``) reads: the first calibration seed's
+        (train split); None for the other merges."""
+        from epmq.merge import get_method
+
+        if not get_method(self.merges[merge]["method"]).needs_calibration:
+            return None
+        cal = self.config["calibration"]
+        return f"{self.config['results']}/{suite}/calib/n{cal['n_per_task']}_s{cal['seeds'][0]}.safetensors"
+
     def quantizer(self, quantizer_id: str) -> tuple[str, dict]:
         """(method, variant overrides) of a quantizer id."""
         method, _, rest = quantizer_id.partition(".")

@@ -69,6 +69,11 @@ def experts_of(wildcards):
     )
 
 
+def merge_calib(w):
+    """A data-aware merge's calibration file (the first calibration seed's; train split), else nothing."""
+    return GRID.merge_calib(w.suite, w.merge) or []
+
+
 def needs(quantizer):
     from epmq.quant import METHODS
 

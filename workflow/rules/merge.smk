@@ -2,6 +2,7 @@ rule merge:
     input:
         base=rules.base.output,
         experts=experts_of,
+        calib=merge_calib,
     output:
         model=f"{R}/{{suite}}/merged/{{merge}}.safetensors",
         record=f"{R}/{{suite}}/merged/{{merge}}.json",
