@@ -103,7 +103,8 @@ def cmd_merge(args):
         raise EPMQError(f"--merge {args.merge!r}: not in the config (has {sorted(grid.merges)})")
     m = grid.merges[args.merge]
     out = args.out or Merged(args.suite, args.merge).weights(grid.config["results"])
-    rec = pipeline.merge(_spec(grid, args), args.merge, m["method"], m["params"], m["select"], out)
+    rec = pipeline.merge(_spec(grid, args), args.merge, m["method"], m["params"], m["select"], out,
+                         calib=grid.merge_calib(args.suite, args.merge))
     print(f"{out}: {m['method']} {rec['params']}")
 
 

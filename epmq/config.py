@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from epmq.errors import EPMQError
-from epmq.identity import Base, Expert, Merged, Model, QuantRun, fmt_value  # noqa: F401 (fmt_value: re-exported)
+from epmq.identity import Base, Calib, Expert, Merged, Model, QuantRun, fmt_value  # noqa: F401 (fmt_value: re-exported)
 
 #: QuantConfig fields a config may set under ``quantize.params`` or sweep (the method, bits and group size
 #: come from the grid itself).
@@ -199,6 +199,16 @@ class Grid:
         if run.variant:
             raise EPMQError(f"quantizer {run.quantizer!r} ({run.model_id} of suite {run.suite!r}) is not in the grid")
         return run
+
+    def merge_calib(self, suite: str, merge: str) -> str | None:
+        """The calibration file a data-aware merge (``needs_calibration``) reads: the first calibration seed's
+        (train split); None for the other merges."""
+        from epmq.merge import get_method
+
+        if not get_method(self.merges[merge]["method"]).needs_calibration:
+            return None
+        cal = self.config["calibration"]
+        return Calib(suite, cal["n_per_task"], cal["seeds"][0]).weights(self.config["results"])
 
     def quant_config(self, run: QuantRun) -> dict:
         """The QuantConfig fields of one job (what reaches the job through ``params:``): only the knobs its

@@ -210,9 +210,10 @@ def _candidates(select: dict) -> list[dict]:
     return [dict(zip(keys, vals)) for vals in itertools.product(*(select[k] for k in keys))] or [{}]
 
 
-def merge(spec: dict, merge_id: str, method: str, params: dict, select: dict, out) -> dict:
+def merge(spec: dict, merge_id: str, method: str, params: dict, select: dict, out, calib=None) -> dict:
     """Merge the suite's experts; pick ``select``'s hyperparameters by mean *validation* accuracy (ties: the
-    first candidate in order); write the merged encoder and a JSON record beside it.
+    first candidate in order); write the merged encoder and a JSON record beside it. A data-aware method
+    (``needs_calibration``) reads the calibration batches of ``calib`` (a :func:`calibrate` file: train split).
 
     Streamed: the base and the experts are read tensor by tensor from their files (never whole), and each
     candidate's merged tensors go straight to a temp file as they come -- and, when there are candidates to
@@ -232,6 +233,8 @@ def merge(spec: dict, merge_id: str, method: str, params: dict, select: dict, ou
     candidates = _candidates(select)
     # a suite may merge other keys than the default (t5-glue merges lm_head too, as FusionBench does)
     extra = {"exclude": suite.merge_exclude} if getattr(suite, "merge_exclude", None) is not None else {}
+    if get_method(method).needs_calibration:
+        extra["data"] = _merge_data(suite, method, calib)
     out = Path(out)
     try:
         for cand in candidates:
@@ -263,6 +266,8 @@ def merge(spec: dict, merge_id: str, method: str, params: dict, select: dict, ou
         record = {"merge": merge_id, "method": method, "params": chosen,
                   "resolved_params": {**get_method(method).defaults, **chosen}, "selected_on": "validation",
                   "trials": trials, "seconds": time.perf_counter() - t0, "tasks": list(suite.tasks)}
+        if "data" in extra:
+            record["calibration"] = Path(calib).name
         best[1].commit()
     except BaseException:
         if best is not None:
@@ -270,6 +275,19 @@ def merge(spec: dict, merge_id: str, method: str, params: dict, select: dict, ou
         raise
     write_json_atomic(out.with_suffix(".json"), record)
     return record
+
+
+def _merge_data(suite, method: str, calib):
+    """The :class:`epmq.merge.MergeData` of a data-aware merge: the calibration batches of ``calib``."""
+    from epmq.device import resolve
+    from epmq.merge import MergeData
+    from epmq.models.adapters import ADAPTERS
+
+    if calib is None:
+        raise EPMQError(f"merge method {method} reads calibration data: give it a calibration file "
+                        "(the workflow passes the first calibration seed's)")
+    return MergeData(calib=load_calibration(calib, suite.tasks), new_model=suite.new_encoder,
+                     adapter=ADAPTERS[suite.adapter], device=resolve("auto"))
 
 
 def _lazy_sd(path):

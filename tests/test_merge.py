@@ -495,39 +495,17 @@ def test_lazy_state_dict_does_not_map_the_file(tmp_path):
 # --- streaming: the same bits as the in-memory merge, one key's tensors at a time ---------------------------
 
 
-def _previous_task_arithmetic(base, experts, *, lam=0.3, dare_p=0.0, seed=0):
-    """Task arithmetic as it was computed before the streamed form (a list of every τ_t, then a sum)."""
-    from epmq.merge.base import mix_seed
+@pytest.fixture(scope="module")
+def previous():
+    """bench/merge_bench.py's transcriptions of the methods as they were computed before the streamed form
+    (task arithmetic over a list of every τ_t; TIES vectorised over a stack of them)."""
+    import importlib.util
 
-    taus = [dare(e.float() - base.float(), dare_p, mix_seed(seed, t)) for t, e in enumerate(experts)]
-    total = taus[0].clone()
-    for tau in taus[1:]:
-        total += tau
-    return base.float() + lam * total
-
-
-def _previous_ties(base, experts, *, k=20.0, lam=0.3, merge_func="sum", trim_scope="global", thresholds=None,
-                   dare_p=0.0, seed=0):
-    """TIES as it was computed before the streamed form: vectorised over a stack of every task vector."""
-    from epmq.merge.base import mix_seed
-    from epmq.merge.ties import trim_rank
-
-    taus = torch.stack([dare(e.float() - base.float(), dare_p, mix_seed(seed, t)) for t, e in enumerate(experts)])
-    taus = taus.reshape(len(experts), -1)
-    magnitude = taus.abs()
-    if trim_scope == "tensor":
-        rank = trim_rank(taus.shape[1], k)
-        cut = magnitude.kthvalue(rank, dim=1, keepdim=True).values if rank else torch.zeros_like(magnitude[:, :1])
-    else:
-        cut = torch.tensor(thresholds, dtype=torch.float32).reshape(-1, 1)
-    trimmed = taus * (magnitude >= cut)
-    elected = torch.sign(trimmed.sum(dim=0))
-    elected[elected == 0] = 1.0 if elected.sum() >= 0 else -1.0
-    agree = torch.where(elected > 0, trimmed > 0, trimmed < 0)
-    merged = (trimmed * agree).sum(dim=0)
-    if merge_func == "mean":
-        merged /= agree.sum(dim=0).clamp(min=1)
-    return base.float() + lam * merged.reshape(base.shape)
+    path = Path(__file__).resolve().parents[1] / "bench" / "merge_bench.py"
+    spec = importlib.util.spec_from_file_location("merge_bench_previous", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _quantised_experts(seed, n_experts, shape=(33, 17), dtype=torch.float32):
@@ -540,15 +518,15 @@ def _quantised_experts(seed, n_experts, shape=(33, 17), dtype=torch.float32):
 
 @pytest.mark.parametrize("n_experts", [1, 2, 5, 20])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_streamed_methods_equal_the_previous_vectorised_ones_bit_for_bit(n_experts, dtype):
+def test_streamed_methods_equal_the_previous_vectorised_ones_bit_for_bit(n_experts, dtype, previous):
     base, experts = _quantised_experts(n_experts, n_experts, dtype=dtype)
     for hp in ({}, {"lam": 0.7}, {"dare_p": 0.4, "seed": 9}):
-        assert torch.equal(task_arithmetic(base, experts, **hp), _previous_task_arithmetic(base, experts, **hp))
+        assert torch.equal(task_arithmetic(base, experts, **hp), previous.previous_task_arithmetic(base, experts, **hp))
     thresholds = [0.25 * (t % 3) for t in range(n_experts)]
     for hp in ({"thresholds": thresholds}, {"thresholds": thresholds, "merge_func": "mean", "lam": 1.0},
                {"trim_scope": "tensor", "k": 10}, {"trim_scope": "tensor", "k": 100, "merge_func": "mean"},
                {"trim_scope": "tensor", "k": 50, "dare_p": 0.3, "seed": 4}):
-        new, old = ties(base, experts, **hp), _previous_ties(base, experts, **hp)
+        new, old = ties(base, experts, **hp), previous.previous_ties(base, experts, **hp)
         assert torch.equal(new, old) and new.view(torch.int32).equal(old.view(torch.int32)), hp  # -0.0 too
 
 

@@ -14,10 +14,13 @@ hands the merged tensors over as they come; :func:`merge_state_dicts` collects t
 :func:`merge_files` streams .safetensors checkpoints into a .safetensors file (written atomically), holding
 one key's tensors at a time, never a whole model.
 
+A data-aware method (``needs_calibration``, e.g. RegMean) reads the train split's calibration batches through a
+:class:`MergeData` handed to its ``prepare`` pass; each method is declared beside its tensor function.
+
 Importing this package does not import torch: the functions import it when called.
 """
 
-from epmq.merge.base import MergeMethod
+from epmq.merge.base import MergeData, MergeMethod
 from epmq.merge.driver import (
     DEFAULT_EXCLUDE,
     MergeStream,
@@ -32,6 +35,7 @@ from epmq.merge.registry import METHODS, get_method
 __all__ = [
     "DEFAULT_EXCLUDE",
     "METHODS",
+    "MergeData",
     "MergeMethod",
     "MergeStream",
     "get_method",

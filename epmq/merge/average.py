@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from epmq.merge.base import iter_experts
+from epmq.merge.base import MergeMethod, iter_experts
 
 if TYPE_CHECKING:
     import torch
@@ -27,3 +27,14 @@ def average(base: torch.Tensor | None, experts: Sequence[torch.Tensor]) -> torch
             total += expert.float()
         del expert
     return total.div_(len(experts))
+
+
+AVERAGE = MergeMethod(
+    name="average",
+    fn=average,
+    paper="Model soups: averaging weights of multiple fine-tuned models improves accuracy without "
+    "increasing inference time, https://arxiv.org/abs/2203.05482",
+    description="mean of the expert weights, (1/T) Σ_t θ_t",
+    needs_base=False,
+    label="Average",
+)

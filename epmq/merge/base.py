@@ -13,6 +13,15 @@ Task vectors are τ_t = θ_t − θ₀, computed in float32 and optionally DARE-
 A few methods need a statistic of the whole model before any tensor can be merged (TIES with global
 trimming needs one magnitude threshold per task). They declare a ``prepare`` pass, which the driver
 (:func:`epmq.merge.merge_state_dicts`) runs first, streaming the model tensor by tensor.
+
+Data-aware merges (RegMean, feature calibration) also read calibration data: they set
+``needs_calibration=True`` and their ``prepare`` pass gets a fourth argument, a :class:`MergeData` (the train
+split's calibration batches per task, a factory of fresh models of the architecture and its adapter), from
+which it computes what its tensor function needs (e.g. per-layer input Grams, into the hyperparameters it
+returns). The workflow gives such a merge the calibration file of the first calibration seed.
+
+A method is declared once, in its own module, beside its tensor function (``AVERAGE`` in
+:mod:`epmq.merge.average`, ...), with its display ``label``; :mod:`epmq.merge.registry` lists them.
 """
 
 from __future__ import annotations
@@ -48,7 +57,10 @@ class MergeMethod:
             gets its own, visiting-order-independent random stream.
         needs_base: whether θ₀ is required (False only for plain averaging).
         prepare: optional whole-model pass ``prepare(load, keys, hparams) -> hparams`` run by the driver
-            before merging; it may add internal hyperparameters (e.g. TIES' global ``thresholds``).
+            before merging; it may add internal hyperparameters (e.g. TIES' global ``thresholds``). For a
+            method with ``needs_calibration``: ``prepare(load, keys, hparams, data)`` (a :class:`MergeData`).
+        label: the name tables and figures show (default: ``name``).
+        needs_calibration: whether the method reads calibration data (``prepare`` gets a :class:`MergeData`).
     """
 
     name: str
@@ -57,10 +69,33 @@ class MergeMethod:
     description: str
     defaults: Mapping[str, Any] = field(default_factory=dict)
     needs_base: bool = True
-    prepare: Callable[[Loader, Sequence[str], dict[str, Any]], dict[str, Any]] | None = None
+    prepare: Callable[..., dict[str, Any]] | None = None
+    label: str = ""
+    needs_calibration: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))  # read-only
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
+        if self.needs_calibration and self.prepare is None:
+            raise EPMQError(f"merge method {self.name}: needs_calibration without a prepare pass to read the data")
+
+
+@dataclass(frozen=True)
+class MergeData:
+    """What a data-aware merge reads besides the checkpoints.
+
+    Attributes:
+        calib: per task (the experts' order), its calibration batches from the train split (never test).
+        new_model: ``new_model()`` -> a fresh model of the suite's architecture (load a state dict into it).
+        adapter: the architecture's :class:`epmq.models.adapters.Adapter` (run a batch, find the Linears).
+        device: where to run forwards.
+    """
+
+    calib: Sequence[Sequence[Any]]
+    new_model: Callable[[], Any]
+    adapter: Any
+    device: Any = None
 
 
 def mix_seed(seed: int, *parts: object) -> int:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from epmq.errors import EPMQError, check_finite
-from epmq.merge.base import MergeMethod, mix_seed
+from epmq.merge.base import MergeData, MergeMethod, mix_seed
 from epmq.merge.registry import get_method
 
 if TYPE_CHECKING:
@@ -257,8 +257,11 @@ class MergeStream:
         merge_keys: the keys the method merges; the others are copied from the reference.
     """
 
-    def __init__(self, base, experts, method, exclude, hparams):
+    def __init__(self, base, experts, method, exclude, hparams, data=None):
         self.method, self.hparams = resolve_hparams(method, hparams)
+        if self.method.needs_calibration and data is None:
+            raise EPMQError(f"merge method {self.method.name} reads calibration data: pass data=MergeData(...)")
+        self.data = data
         self._experts = list(experts)
         if not self._experts:
             raise EPMQError("experts: empty list, expected at least one expert state dict")
@@ -295,7 +298,12 @@ class MergeStream:
             raise EPMQError("order: not a permutation of the merged model's keys")
         if self._prepared is None:
             prepare = self.method.prepare
-            self._prepared = prepare(self.load, self.merge_keys, self.hparams) if prepare else self.hparams
+            if prepare is None:
+                self._prepared = self.hparams
+            elif self.method.needs_calibration:
+                self._prepared = prepare(self.load, self.merge_keys, self.hparams, self.data)
+            else:
+                self._prepared = prepare(self.load, self.merge_keys, self.hparams)
         hp = self._prepared
         to_merge = set(self.merge_keys)
         for key in tqdm(keys, desc=f"merge ({self.method.name})", unit="tensor", disable=None):
@@ -316,13 +324,15 @@ def merge_stream(
     method: str | MergeMethod,
     *,
     exclude: Sequence[str] | str = DEFAULT_EXCLUDE,
+    data: MergeData | None = None,
     **hparams,
 ) -> MergeStream:
     """Check a merge of ``experts`` (fine-tuned from ``base``) with ``method`` and return it as a
     :class:`MergeStream`: its :attr:`~MergeStream.layout` is known before any tensor is read, and
     :meth:`~MergeStream.tensors` yields the merged tensors one key at a time. Arguments as for
-    :func:`merge_state_dicts`, of which this is the streaming form (same tensors, bit for bit)."""
-    return MergeStream(base, experts, method, exclude, hparams)
+    :func:`merge_state_dicts`, of which this is the streaming form (same tensors, bit for bit); ``data`` is
+    what a data-aware method (``needs_calibration``) reads."""
+    return MergeStream(base, experts, method, exclude, hparams, data)
 
 
 def merge_state_dicts(
@@ -331,6 +341,7 @@ def merge_state_dicts(
     method: str | MergeMethod,
     *,
     exclude: Sequence[str] | str = DEFAULT_EXCLUDE,
+    data: MergeData | None = None,
     **hparams,
 ) -> dict[str, torch.Tensor]:
     """Merge ``experts`` (fine-tuned from ``base``) with ``method``; returns the merged state dict.
@@ -339,7 +350,7 @@ def merge_state_dicts(
     for methods with ``needs_base=False`` (``"average"``); excluded keys then come from expert 0. The whole
     result is in memory: :func:`merge_stream` / :func:`merge_files` hand it over tensor by tensor.
     """
-    return dict(merge_stream(base, experts, method, exclude=exclude, **hparams).tensors())
+    return dict(merge_stream(base, experts, method, exclude=exclude, data=data, **hparams).tensors())
 
 
 def merge_files(

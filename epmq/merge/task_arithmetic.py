@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from epmq.merge.base import iter_task_vectors
+from epmq.merge.base import MergeMethod, iter_task_vectors
 
 if TYPE_CHECKING:
     import torch
@@ -37,3 +37,29 @@ def task_arithmetic(
             total += tau
         del tau
     return total.mul_(lam).add_(base.float())  # = θ₀ + λ Σ τ bit for bit (IEEE addition commutes)
+
+
+PAPER = "Editing Models with Task Arithmetic, https://arxiv.org/abs/2212.04089"
+DARE_PAPER = ("Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch, "
+              "https://arxiv.org/abs/2311.03099")
+DEFAULTS = {"lam": 0.3, "dare_p": 0.0, "seed": 0}
+
+TASK_ARITHMETIC = MergeMethod(
+    name="task_arithmetic",
+    fn=task_arithmetic,
+    paper=PAPER,
+    description="θ₀ + λ Σ_t τ_t with task vectors τ_t = θ_t − θ₀",
+    defaults=DEFAULTS,
+    label="Task Arithmetic",
+)
+
+#: the same tensor function with DARE on by default (drop probability 0.5, FusionBench's default);
+#: ``dare_p=0`` gives back plain task arithmetic bit for bit
+DARE_TASK_ARITHMETIC = MergeMethod(
+    name="dare_task_arithmetic",
+    fn=task_arithmetic,
+    paper=f"{DARE_PAPER}; {PAPER}",
+    description="task arithmetic on DARE-sparsified task vectors (drop with prob. p, rescale 1/(1−p))",
+    defaults={**DEFAULTS, "dare_p": 0.5},
+    label="DARE + Task Arithmetic",
+)

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from epmq.errors import EPMQError
-from epmq.merge.base import check_choice, iter_task_vectors, mix_seed
+from epmq.merge.base import MergeMethod, check_choice, iter_task_vectors, mix_seed
 
 if TYPE_CHECKING:
     import torch
@@ -201,3 +201,30 @@ def prepare_ties(load: Loader, keys: Sequence[str], hparams: dict[str, Any]) -> 
         return hparams
     thresholds = global_thresholds(load, keys, k=hparams["k"], dare_p=hparams["dare_p"], seed=hparams["seed"])
     return {**hparams, "thresholds": thresholds}
+
+
+PAPER = "TIES-Merging: Resolving Interference When Merging Models, https://arxiv.org/abs/2306.01708"
+DEFAULTS = {"k": 20.0, "lam": 0.3, "merge_func": "sum", "trim_scope": "global", "dare_p": 0.0, "seed": 0}
+
+TIES = MergeMethod(
+    name="ties",
+    fn=ties,
+    paper=PAPER,
+    description="trim each τ_t to its top-k% magnitudes, elect a sign per entry, disjoint mean/sum "
+    "over agreeing experts, θ₀ + λ τ_m",
+    defaults=DEFAULTS,
+    prepare=prepare_ties,
+    label="TIES",
+)
+
+#: TIES on DARE-sparsified task vectors (FusionBench's DARE-TIES); ``dare_p=0`` gives back TIES bit for bit
+DARE_TIES = MergeMethod(
+    name="dare_ties",
+    fn=ties,
+    paper=f"Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch, "
+    f"https://arxiv.org/abs/2311.03099; {PAPER}",
+    description="TIES-Merging on DARE-sparsified task vectors (drop with prob. p, rescale 1/(1−p))",
+    defaults={**DEFAULTS, "dare_p": 0.5},
+    prepare=prepare_ties,
+    label="DARE + TIES",
+)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+from epmq.merge.registry import METHODS as _MERGES
+
 MODEL_ORDER = {"base": 0, "expert": 1, "merged": 2, "quantized": 3}
 
 #: Display names of the quantization methods (unknown names are shown as they are).
@@ -23,7 +25,7 @@ ABLATION_METHODS = ("epmq_unrounded", "gptq_corrected", "gptq_epmq_hessian")
 UNRANKED_METHODS = frozenset({"epmq_unrounded"})
 
 #: Display names of the merge methods (unknown names are shown as they are).
-MERGE_NAMES = {"task_arithmetic": "Task Arithmetic", "ties": "TIES"}
+MERGE_NAMES = {name: m.label for name, m in _MERGES.items()}
 
 #: Merge hyperparameters with a conventional symbol.
 _PARAM_SYMBOLS = {"lam": "λ"}

@@ -79,6 +79,11 @@ def quant_run(wildcards):
     return GRID.quant_run(QuantRun.from_wildcards(wildcards))
 
 
+def merge_calib(w):
+    """A data-aware merge's calibration file (the first calibration seed's; train split), else nothing."""
+    return GRID.merge_calib(w.suite, w.merge) or []
+
+
 def quantize_inputs(w):
     """What a quantize job reads: the merged model and its merge record, the calibration batches and the
     experts when its method reads them, and the base (its job wrote the heads the evaluation reads).

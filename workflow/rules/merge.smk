@@ -2,6 +2,7 @@ rule merge:
     input:
         base=rules.base.output,
         experts=experts_of,
+        calib=merge_calib,
     output:
         model=Merged.pattern(R),  # R/{suite}/merged/{merge}.safetensors
         record=Merged.pattern(R, ".json"),

@@ -6,4 +6,5 @@ sm = snakemake  # noqa: F821 (injected by the script directive)
 m = sm.params.merge
 with job(sm):
     spec = with_threads(sm.params.spec, sm.threads)
-    merge(spec, sm.wildcards.merge, m["method"], m["params"], m["select"], sm.output.model)
+    merge(spec, sm.wildcards.merge, m["method"], m["params"], m["select"], sm.output.model,
+          calib=sm.input.get("calib") or None)
