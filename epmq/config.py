@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from epmq.errors import EPMQError
+from epmq.formatting import id_value as fmt_value  # the path form (see epmq.formatting)
 
 #: QuantConfig fields a config may set under ``quantize.params`` or sweep (the method, bits and group size
 #: come from the grid itself).
@@ -49,15 +50,6 @@ def _check_id(kind: str, name: str) -> str:
     if not isinstance(name, str) or not _ID.match(name):
         raise EPMQError(f"{kind} id {name!r}: use letters, digits, '_', '.', '-' (it becomes a folder name)")
     return name
-
-
-def fmt_value(v) -> str:
-    """A sweep value as it appears in a quantizer id: shortest round-trip text (0.1, 1e-05, 2)."""
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, float) and v.is_integer() and abs(v) < 1e6:
-        return str(int(v)) if abs(v) >= 1 else repr(v)
-    return repr(v) if isinstance(v, float) else str(v)
 
 
 _PATH_SAFE = re.compile(r"^[A-Za-z0-9_.+-]+$")
