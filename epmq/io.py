@@ -68,13 +68,21 @@ def _disk_full(err: BaseException) -> bool:
     return getattr(err, "errno", None) in _FULL or any(f"(os error {c})" in str(err) for c in _FULL)
 
 
-def _write_error(path: Path, err: BaseException) -> EPMQError | None:
-    """The one-line error for a failed write to ``path``, or None when ``err`` is not a known cause."""
-    if _disk_full(err):
-        return EPMQError(f"{path}: cannot write (disk full)")
-    if isinstance(err, OSError) and err.errno in _READ_ONLY:
-        return EPMQError(f"{path}: cannot write ({_READ_ONLY[err.errno]})")
-    return None
+@contextlib.contextmanager
+def _on_failure(path: Path, discard=None, *, read_only: bool = True):
+    """On any failure inside: call ``discard`` (deletes the temp), then raise a full disk -- and, with
+    ``read_only``, a refused write -- as the one-line :class:`EPMQError` naming ``path``; other errors
+    pass unchanged."""
+    try:
+        yield
+    except BaseException as err:
+        if discard is not None:
+            discard()
+        if _disk_full(err):
+            raise EPMQError(f"{path}: cannot write (disk full)") from err
+        if read_only and isinstance(err, OSError) and err.errno in _READ_ONLY:
+            raise EPMQError(f"{path}: cannot write ({_READ_ONLY[err.errno]})") from err
+        raise
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -108,7 +116,7 @@ class PendingFile:
     def __init__(self, path: str | os.PathLike, *, folder: bool = False):
         self.path, self.folder, self.fd = Path(path), folder, None
         self.synced = False  # set by a writer that fsynced the temp itself
-        try:
+        with _on_failure(self.path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             for _ in range(100):
                 self.tmp = self.path.with_name(f".{self.path.name}.{os.urandom(4).hex()}.tmp")
@@ -123,11 +131,6 @@ class PendingFile:
                     continue
             else:
                 raise FileExistsError(errno.EEXIST, "no free temp name", str(self.path))
-        except OSError as err:
-            mapped = _write_error(self.path, err)
-            if mapped is not None:
-                raise mapped from err
-            raise
 
     def close(self) -> None:
         """Close :attr:`fd` (the temp file stays)."""
@@ -139,14 +142,8 @@ class PendingFile:
         """fsync the temp, give it the umask mode, rename it to ``path``. An old ``path`` is replaced, or with
         ``keep_existing`` kept (the temp is then deleted: another process wrote the same thing first). On
         failure the temp is deleted."""
-        try:
+        with _on_failure(self.path, self.discard):
             return self._commit(keep_existing)
-        except BaseException as err:
-            self.discard()
-            mapped = _write_error(self.path, err)
-            if mapped is not None:
-                raise mapped from err
-            raise
 
     def _commit(self, keep_existing: bool) -> Path:
         if keep_existing and self.path.exists():
@@ -206,15 +203,9 @@ def atomic_path(path: str | os.PathLike, *, folder: bool = False, keep_existing:
     raises the one-line :class:`EPMQError`."""
     pending = PendingFile(path, folder=folder)
     pending.close()
-    try:
+    # only a full disk is translated in the body: a permission error there may concern another file
+    with _on_failure(pending.path, pending.discard, read_only=False):
         yield pending.tmp
-    except BaseException as err:
-        pending.discard()
-        # only a full disk is translated here: a permission error in the body may concern another file
-        mapped = _write_error(pending.path, err) if _disk_full(err) else None
-        if mapped is not None:
-            raise mapped from err
-        raise
     pending.commit(keep_existing=keep_existing)
 
 
@@ -312,17 +303,9 @@ class SafetensorsStream:
         with self._guard():
             self._file.write(len(text).to_bytes(8, "little") + text)
 
-    @contextlib.contextmanager
     def _guard(self):
         """Discard the temp on any failure of the file itself; a full disk becomes the one-line error."""
-        try:
-            yield
-        except BaseException as err:
-            self.discard()
-            mapped = _write_error(self.path, err)
-            if mapped is not None:
-                raise mapped from err
-            raise
+        return _on_failure(self.path, self.discard)
 
     def write(self, key: str, tensor) -> None:
         """Append ``tensor`` (any device, any strides), which must be the next key of :attr:`order`."""

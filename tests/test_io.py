@@ -244,8 +244,9 @@ def test_other_errors_pass_through_unchanged(tmp_path):
     with pytest.raises(PermissionError):  # a permission error in the body may concern another file: not renamed
         with atomic_path(tmp_path / "x.json"):
             raise PermissionError(errno.EACCES, "Permission denied", "/some/input")
+    layout = {"a": (torch.float32, (1,)), "b": (torch.float32, (1,))}
     with pytest.raises(ValueError, match="written out of order"):
-        with SafetensorsStream(tmp_path / "s.safetensors", {"a": (torch.float32, (1,)), "b": (torch.float32, (1,))}) as w:
+        with SafetensorsStream(tmp_path / "s.safetensors", layout) as w:
             w.write("b", torch.zeros(1))
     assert _entries(tmp_path) == []
 
