@@ -84,12 +84,12 @@ def load_dataset(name: str, seed: int = 0, *, cache: bool = True, **kwargs):
         raise EPMQError(f"unknown dataset {name!r}: expected one of {sorted(DATASETS)}") from None
     if not cache:
         return loader(seed=seed, **kwargs)
+    import os
     import shutil
 
     import datasets
 
     from epmq.data.install import data_dir
-    from epmq.io import atomic_path
 
     path = data_dir() / "cache" / f"{name}-{_cache_key(name, seed, kwargs)}"
     if (path / "dataset_dict.json").is_file():
@@ -98,15 +98,19 @@ def load_dataset(name: str, seed: int = 0, *, cache: bool = True, **kwargs):
         except Exception:  # noqa: BLE001 -- an unreadable cache is rebuilt, never trusted
             shutil.rmtree(path, ignore_errors=True)
     ds = loader(seed=seed, **kwargs)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        # keep_existing: another process cached it first -- same content, keep theirs
-        with atomic_path(path, folder=True, keep_existing=True) as tmp:
-            ds.save_to_disk(str(tmp))
+        ds.save_to_disk(str(tmp))
     finally:
         if bars:
             datasets.enable_progress_bars()
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process cached it first: same content, keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
     return datasets.load_from_disk(str(path))
 
 

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 from epmq.errors import EPMQError
-from epmq.io import write_text_atomic
 
 MARKER = ".complete"
 
@@ -116,7 +115,9 @@ def _fresh(dest: Path) -> None:
 
 def _mark(dest: Path, **info) -> None:
     info["installed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    write_text_atomic(dest / MARKER, json.dumps(info, indent=1) + "\n")
+    tmp = dest / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1) + "\n")
+    tmp.replace(dest / MARKER)
 
 
 def is_complete(dest: Path) -> bool:
