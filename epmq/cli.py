@@ -1,7 +1,8 @@
 """``epmq``: single workflow steps outside Snakemake, and ``epmq run`` for the whole grid.
 
 Every step reads the same config as the workflow (default ``config.yaml``) and writes the same artefacts
-to the same paths (:data:`epmq.pipeline.PATTERNS`), through the same functions the Snakemake scripts call::
+to the same paths (rendered by :mod:`epmq.identity`, as the rules' are), through the same functions the
+Snakemake scripts call::
 
     epmq build     --suite tiny-vit                      # base + heads + every expert
     epmq merge     --suite tiny-vit --merge task_arithmetic
@@ -68,10 +69,19 @@ def _spec(grid, args):
     return with_threads(suite_spec(grid, args.suite), args.threads or grid.config["threads"])
 
 
-def _path(grid, kind, **kw) -> str:
-    from epmq.pipeline import PATTERNS
+def _quant_run(grid, args):
+    """The quantized run the flags of ``quantize`` / ``export`` name (``--set`` knobs as its sweep point, in name
+    order) and its QuantConfig fields: the config's knobs, the suite's, then ``--set``."""
+    from epmq.identity import QuantRun
 
-    return PATTERNS[kind].format(results=grid.config["results"], **kw)
+    overrides = _checked_sets(args)
+    if args.suite not in grid.suites:
+        raise EPMQError(f"--suite {args.suite}: not a key of suites: ({sorted(grid.suites)})")
+    run = QuantRun(args.suite, args.merge, args.method, args.bits, args.group_size, args.seed,
+                   tuple(sorted(overrides.items())))
+    qcfg = {"method": args.method, "bits": args.bits, "group_size": args.group_size,
+            **grid.config["quantize"]["params"], **grid.suites[args.suite]["quantize"], **overrides}
+    return run, qcfg
 
 
 def cmd_build(args):
@@ -86,44 +96,39 @@ def cmd_build(args):
 
 def cmd_merge(args):
     from epmq import pipeline
+    from epmq.identity import Merged
 
     grid = _grid(args)
     if args.merge not in grid.merges:
         raise EPMQError(f"--merge {args.merge!r}: not in the config (has {sorted(grid.merges)})")
     m = grid.merges[args.merge]
-    out = args.out or _path(grid, "merged", suite=args.suite, merge=args.merge)
+    out = args.out or Merged(args.suite, args.merge).weights(grid.config["results"])
     rec = pipeline.merge(_spec(grid, args), args.merge, m["method"], m["params"], m["select"], out)
     print(f"{out}: {m['method']} {rec['params']}")
 
 
 def cmd_calibrate(args):
     from epmq import pipeline
+    from epmq.identity import Calib
 
     grid = _grid(args)
     cal = grid.config["calibration"]
     n = args.n or cal["n_per_task"]
-    out = args.out or _path(grid, "calib", suite=args.suite, n=n, seed=args.seed)
+    out = args.out or Calib(args.suite, n, args.seed).weights(grid.config["results"])
     print(pipeline.calibrate(_spec(grid, args), n, args.seed, cal["batch_size"], out))
 
 
 def cmd_quantize(args):
     from epmq import pipeline
-    from epmq.config import fmt_value
 
     grid = _grid(args)
-    overrides = _checked_sets(args)
-    qid = args.method + "".join(f".{k}={fmt_value(v)}" for k, v in sorted(overrides.items()))
-    if args.suite not in grid.suites:
-        raise EPMQError(f"--suite {args.suite}: not a key of suites: ({sorted(grid.suites)})")
-    qcfg = {"method": args.method, "bits": args.bits, "group_size": args.group_size,
-            **grid.config["quantize"]["params"], **grid.suites[args.suite]["quantize"], **overrides}
-    n = grid.config["calibration"]["n_per_task"]
-    merged = _path(grid, "merged", suite=args.suite, merge=args.merge)
-    calib = _path(grid, "calib", suite=args.suite, n=n, seed=args.seed)
-    out = args.out or _path(grid, "quant", suite=args.suite, merge=args.merge, quantizer=qid, bits=args.bits,
-                            group=args.group_size, seed=args.seed)
-    rec = pipeline.quantize(_spec(grid, args), merged, calib, qcfg, out, seed=args.seed, n_calib=n,
-                            device=args.device or grid.config["device"], packed=args.packed)
+    run, qcfg = _quant_run(grid, args)
+    n, results = grid.config["calibration"]["n_per_task"], grid.config["results"]
+    out = args.out or run.weights(results)
+    files = pipeline.QuantizeFiles(merged=run.merged().weights(results), calib=run.calib(n).weights(results),
+                                   out=out, packed=args.packed)
+    rec = pipeline.quantize(_spec(grid, args), run, qcfg, files,
+                            pipeline.QuantizeOptions(n_calib=n, device=args.device or grid.config["device"]))
     print(f"{out}: {rec['method']} {rec['bits']}-bit, {rec['cost']['quantize_seconds']:.1f} s")
     if args.packed:
         pk = rec["packed"]
@@ -132,37 +137,31 @@ def cmd_quantize(args):
 
 
 def cmd_export(args):
-    from epmq.config import fmt_value
     from epmq.export import export_cell
 
     grid = _grid(args)
-    overrides = _checked_sets(args)
-    qid = args.method + "".join(f".{k}={fmt_value(v)}" for k, v in sorted(overrides.items()))
     spec = _spec(grid, args)
-    qcfg = {"method": args.method, "bits": args.bits, "group_size": args.group_size,
-            **grid.config["quantize"]["params"], **grid.suites[args.suite]["quantize"], **overrides}
-    cal = grid.config["calibration"]
+    run, qcfg = _quant_run(grid, args)
+    cal, results = grid.config["calibration"], grid.config["results"]
     n = cal["n_per_task"]
-    run = f"{args.merge}/{qid}/w{args.bits}g{args.group_size}/s{args.seed}"
-    rec = export_cell(spec, suite_id=args.suite, results_dir=grid.config["results"], run=run, merge=args.merge,
-                      qcfg=qcfg, calib=_path(grid, "calib", suite=args.suite, n=n, seed=args.seed),
-                      merged=_path(grid, "merged", suite=args.suite, merge=args.merge), out=args.out,
-                      fmt=args.format, seed=args.seed, n_calib=n, batch_size=cal["batch_size"],
-                      device=args.device or grid.config["device"], packed_from=args.from_packed,
-                      gptq_format=args.gptq_format, scale_dtype=args.scale_dtype)
+    rec = export_cell(spec, run, qcfg, results_dir=results, calib=run.calib(n).weights(results),
+                      merged=run.merged().weights(results), out=args.out, fmt=args.format, n_calib=n,
+                      batch_size=cal["batch_size"], device=args.device or grid.config["device"],
+                      packed_from=args.from_packed, gptq_format=args.gptq_format, scale_dtype=args.scale_dtype)
     print(f"{args.out}: {args.format}, {rec['bits']}-bit, {rec['n_quantized']} quantized weights, "
           f"{rec['weights_bytes'] / 2**20:.2f} MB weights, {len(rec['files'])} files")
 
 
 def cmd_evaluate(args):
     from epmq import pipeline
+    from epmq.identity import parse_model
 
     grid = _grid(args)
-    weights = args.weights or str(Path(grid.config["results"], args.suite, args.model)) + ".safetensors"
-    if args.model == "base":
-        weights = args.weights or _path(grid, "base", suite=args.suite)
-    out = args.out or _path(grid, "eval", suite=args.suite, model=args.model)
-    rec = pipeline.evaluate(_spec(grid, args), args.suite, args.model, weights, out)
+    spec = _spec(grid, args)
+    model = parse_model(args.suite, args.model)
+    weights = args.weights or model.weights(grid.config["results"])
+    out = args.out or model.eval_record(grid.config["results"])
+    rec = pipeline.evaluate(spec, model, weights, out)
     for t, r in rec["tasks"].items():
         print(f"{t:>20}: {r['accuracy']:6.2f} ± {r['stderr']:.2f}  (n={r['n']})")
     print(f"wrote {out}")
@@ -172,14 +171,15 @@ def cmd_report(args):
     from epmq import pipeline
 
     grid = _grid(args)
-    evals = grid.eval_paths()
-    missing = [e for e in evals if not Path(e).is_file()]
+    records = [(m, m.eval_record(grid.config["results"])) for s in grid.suites for m in grid.models(s)]
+    missing = [e for _, e in records if not Path(e).is_file()]
     if missing and not args.partial:
         raise EPMQError(f"{len(missing)} eval records missing, e.g. {missing[0]} (run the grid, or --partial)")
-    evals = [e for e in evals if Path(e).is_file()]
+    records = [(m, e) for m, e in records if Path(e).is_file()]
+    evals = [e for _, e in records]
     benches = [b for b in grid.quant_benchmarks() if Path(b).is_file()]
     # quoted numbers of the suites that have records (with --partial a suite may have none yet)
-    present = {Path(e).relative_to(grid.config["results"]).parts[0] for e in evals}
+    present = {m.suite for m, _ in records}
     anchors = {s: grid.quoted(s) for s in grid.anchors if s in present}
     paths = pipeline.report(evals, args.out or grid.config["reports"], benchmarks=benches,
                             meta=pipeline.run_meta(grid), anchors=anchors)
@@ -194,7 +194,7 @@ def cmd_grid(args):
         print(f"{s}: tasks {grid.tasks(s)}; merges {list(grid.merges)}; {len(runs)} quantized runs")
         if args.verbose:
             for r in runs:
-                print(f"  quant/{r.path}")
+                print(f"  {r.model_id}")
 
 
 def _hub_pins(grid) -> dict:
@@ -385,7 +385,8 @@ def main(argv=None) -> int:
                     "quantizing again (--merge/--method/--bits/--seed still name the cell for the model card)")
     sp.add_argument("--out", required=True, help="folder to write (replaced atomically)")
     sp = add("evaluate", "test accuracy of one model on every task of its suite")
-    sp.add_argument("--model", required=True, help="base | experts/<task> | merged/<merge> | quant/<run>")
+    sp.add_argument("--model", required=True, help="base | experts/<task> | merged/<merge> | "
+                    "quant/<merge>/<quantizer>/w<bits>g<group>/s<seed>")
     sp.add_argument("--weights", help="weights to evaluate (default: the workflow's path for --model)")
     sp.add_argument("--out")
     sp = add("report", "write the leaderboard from the grid's eval records", suite=False)

@@ -10,7 +10,8 @@ Identifiers used in file paths:
 * a *merge id* is a key of ``merges:`` (its method is ``method:``, default the key itself);
 * a *quantizer id* is a method name (``rtn``, ``gptq``, ``epmq``, ablations) or, for a sweep point,
   ``<method>.<param>=<value>`` (e.g. ``epmq.lam_w=0.1``);
-* a *quantized run* is ``<merge>/<quantizer>/w<bits>g<group_size>/s<seed>`` under ``results/<suite>/quant/``.
+* a *quantized run* (:class:`epmq.identity.QuantRun`) is ``<merge>/<quantizer>/w<bits>g<group_size>/s<seed>``
+  under ``results/<suite>/quant/``. :mod:`epmq.identity` renders and parses every one of these paths.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from epmq.errors import EPMQError
-from epmq.formatting import id_value as fmt_value  # the path form (see epmq.formatting)
+from epmq.identity import Base, Expert, Merged, Model, QuantRun, fmt_value  # noqa: F401 (fmt_value: re-exported)
 
 #: QuantConfig fields a config may set under ``quantize.params`` or sweep (the method, bits and group size
 #: come from the grid itself).
@@ -168,24 +169,6 @@ def check_path_component(where: str, text: str) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class QuantRun:
-    """One quantization job (and its evaluation)."""
-
-    suite: str
-    merge: str
-    quantizer: str  # id: method or method.param=value
-    method: str
-    bits: int
-    group_size: int
-    seed: int
-    variant: tuple = ()  # ((param, value),) for a sweep point
-
-    @property
-    def path(self) -> str:
-        return f"{self.merge}/{self.quantizer}/w{self.bits}g{self.group_size}/s{self.seed}"
-
-
 @dataclass
 class Grid:
     """A validated config, expanded."""
@@ -193,7 +176,9 @@ class Grid:
     config: dict
     suites: dict[str, dict] = field(default_factory=dict)  # id -> {"type", "options", "tasks", "seed", "quantize"}
     merges: dict[str, dict] = field(default_factory=dict)  # id -> {"method", "params", "select"}
-    runs: list[QuantRun] = field(default_factory=list)
+    runs: list[QuantRun] = field(default_factory=list)  # one quantize job (and its evaluation) each
+    #: each run by itself: a run parsed from a path finds the grid's, whose sweep values have the config's types
+    by_id: dict[QuantRun, QuantRun] = field(default_factory=dict, repr=False)
     #: suite id -> numbers quoted from the literature (checked, in table order): shown beside ours, never averaged
     anchors: dict[str, list[dict]] = field(default_factory=dict)
 
@@ -205,44 +190,48 @@ class Grid:
         """The quoted reference numbers of ``suite`` (``anchors:``; empty when it has none)."""
         return list(self.anchors.get(suite, []))
 
-    def quantizer(self, quantizer_id: str) -> tuple[str, dict]:
-        """(method, variant overrides) of a quantizer id."""
-        method, _, rest = quantizer_id.partition(".")
-        if not rest:
-            return method, {}
-        for run in self.runs:
-            if run.quantizer == quantizer_id:
-                return method, dict(run.variant)
-        raise EPMQError(f"quantizer {quantizer_id!r} is not in the grid")
+    def quant_run(self, run: QuantRun) -> QuantRun:
+        """The grid's run named like ``run`` (e.g. parsed from a job's wildcards): its sweep values are the
+        config's (a path's ``lam_w=1`` reads back as 1, the config may say 1.0). A run off the grid is itself
+        when it is no sweep point (its id tells everything: a target asked for by path); else a one-line error."""
+        if run in self.by_id:
+            return self.by_id[run]
+        if run.variant:
+            raise EPMQError(f"quantizer {run.quantizer!r} ({run.model_id} of suite {run.suite!r}) is not in the grid")
+        return run
 
-    def quant_config(self, quantizer_id: str, bits: int, group_size: int, suite: str | None = None) -> dict:
+    def quant_config(self, run: QuantRun) -> dict:
         """The QuantConfig fields of one job (what reaches the job through ``params:``): only the knobs its
-        method reads, so that changing an E-PMQ knob re-runs the E-PMQ jobs and nothing else. ``suite``'s own
-        ``quantize:`` knobs override ``quantize.params``; a sweep's value overrides both."""
+        method reads, so that changing an E-PMQ knob re-runs the E-PMQ jobs and nothing else. The run's suite's
+        own ``quantize:`` knobs override ``quantize.params``; a sweep's value overrides both."""
         from epmq.quant import METHODS
 
-        method, variant = self.quantizer(quantizer_id)
+        run = self.quant_run(run)
+        method, variant = run.method, dict(run.variant)
         used = relevant_knobs(METHODS[method])
-        own = self.suites[suite]["quantize"] if suite is not None else {}
+        own = self.suites[run.suite]["quantize"]
         params = {**self.config["quantize"]["params"], **own}
         shared = {k: v for k, v in params.items() if k in used}
         knobs = dict(sorted({**shared, **variant}.items()))
-        return {"method": method, "bits": int(bits), "group_size": int(group_size), **knobs}
+        return {"method": method, "bits": run.bits, "group_size": run.group_size, **knobs}
+
+    def models(self, suite: str) -> list[Model]:
+        """Every model evaluated for ``suite``: the base, each expert, each merge, each quantized run."""
+        out: list[Model] = [Base(suite), *(Expert(suite, t) for t in self.tasks(suite))]
+        out += [Merged(suite, m) for m in self.merges]
+        return out + [r for r in self.runs if r.suite == suite]
 
     def eval_targets(self, suite: str) -> list[str]:
-        """Every run id evaluated for ``suite`` (paths under ``results/<suite>/eval/``, without ``.json``)."""
-        out = ["base"] + [f"experts/{t}" for t in self.tasks(suite)]
-        out += [f"merged/{m}" for m in self.merges]
-        out += [f"quant/{r.path}" for r in self.runs if r.suite == suite]
-        return out
+        """Every model id evaluated for ``suite`` (paths under ``results/<suite>/eval/``, without ``.json``)."""
+        return [m.model_id for m in self.models(suite)]
 
     def eval_paths(self) -> list[str]:
         """Every run record of the grid (the report's inputs), in a stable order."""
-        return [f"{self.config['results']}/{s}/eval/{m}.json" for s in self.suites for m in self.eval_targets(s)]
+        return [m.eval_record(self.config["results"]) for s in self.suites for m in self.models(s)]
 
     def quant_benchmarks(self) -> list[str]:
         """Every quantize job's benchmark file (the leaderboard's cost columns)."""
-        return [f"benchmarks/quantize/{r.suite}/{r.path}.tsv" for r in self.runs]
+        return [r.benchmark() for r in self.runs]
 
 
 def _registries():
@@ -352,16 +341,14 @@ def expand(config: dict) -> Grid:
         for sid in suites or grid.suites:
             for mid in merges:
                 for meth in methods:
-                    qid = meth + "".join(f".{p}={fmt_value(v)}" for p, v in variant)
                     for bits in bits_list:
                         for g in groups:
                             for seed in (run_seeds if QUANTS[meth].needs_calibration else run_seeds[:1]):
-                                run = QuantRun(sid, mid, qid, meth, int(bits), int(g), seed, tuple(variant))
-                                if run not in seen:
-                                    seen.add(run)
+                                run = QuantRun(sid, mid, meth, int(bits), int(g), seed, tuple(variant))
+                                if run not in grid.by_id:  # runs are equal when their ids (paths) are
+                                    grid.by_id[run] = run
                                     grid.runs.append(run)
 
-    seen: set = set()
     check_methods("quantize.methods", q["methods"])
     add(q["methods"], q["bits"], q["group_size"], list(grid.merges))
     ab = q.get("ablations") or {}

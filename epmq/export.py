@@ -466,15 +466,15 @@ def suite_assets(suite, suite_type: str) -> tuple[dict, list[str]]:
     return assets, notes
 
 
-def leaderboard_rows(results_dir, suite_id: str, run: str, merge: str) -> list[dict]:
+def leaderboard_rows(results_dir, run) -> list[dict]:
     """This model's rows from the run records: test accuracy per task and Avg, mean ± std over every seed's
-    record of the run (``quant/<run without /s<seed>>/s*.json``), and the FP merged model's row."""
+    record of the run ``run`` (an :class:`epmq.identity.QuantRun`: ``quant/<run without /s<seed>>/s*.json``),
+    and the FP merged model's row."""
     import statistics
 
-    root = Path(results_dir) / suite_id / "eval"
     rows = []
-    groups = [("quantized (this model)", sorted((root / "quant" / run).parent.glob("s*.json"))),
-              ("FP merged", [root / "merged" / f"{merge}.json"])]
+    groups = [("quantized (this model)", sorted(Path(run.eval_record(results_dir)).parent.glob("s*.json"))),
+              ("FP merged", [Path(run.merged().eval_record(results_dir))])]
     for label, paths in groups:
         recs = [_read_json(p) for p in paths if p.is_file()]
         recs = [r for r in recs if r.get("tasks")]
@@ -546,11 +546,13 @@ LOADING = {
 }
 
 
-def export_cell(spec: dict, *, suite_id: str, results_dir, run: str, merge: str, qcfg: dict, calib, merged,
-                out, fmt: str, seed: int, n_calib: int, batch_size: int, device: str = "auto", packed_from=None,
-                gptq_format: str = "gptq", scale_dtype: str = "float32") -> dict:
-    """Quantize one leaderboard cell (exactly as ``epmq quantize --packed`` does: :func:`epmq.pipeline.quantize`
-    into a temp packed checkpoint; or read ``packed_from``) and write its folder with :func:`export_model`."""
+def export_cell(spec: dict, run, qcfg: dict, *, results_dir, calib, merged, out, fmt: str, n_calib: int,
+                batch_size: int, device: str = "auto", packed_from=None, gptq_format: str = "gptq",
+                scale_dtype: str = "float32") -> dict:
+    """Quantize one leaderboard cell, ``run`` (an :class:`epmq.identity.QuantRun`), exactly as ``epmq quantize
+    --packed`` does (:func:`epmq.pipeline.quantize` into a temp packed checkpoint; or read ``packed_from``), and
+    write its folder with :func:`export_model`. Keyword-only: the files and options of the export (a reason for
+    more than seven parameters: each is one CLI flag)."""
     from epmq import pipeline
     from epmq.quant.packed import read_packed
 
@@ -560,25 +562,27 @@ def export_cell(spec: dict, *, suite_id: str, results_dir, run: str, merge: str,
     with tempfile.TemporaryDirectory(prefix="epmq-export-") as tmp:
         if packed_from is None:
             packed_from = Path(tmp) / "packed"
-            rec = pipeline.quantize(spec, merged, calib, qcfg, Path(tmp) / "q.safetensors", seed=seed,
-                                    n_calib=n_calib, device=device, packed=packed_from, save_weights=False)
+            files = pipeline.QuantizeFiles(merged=merged, calib=calib, out=Path(tmp) / "q.safetensors",
+                                           packed=packed_from)
+            rec = pipeline.quantize(spec, run, qcfg, files,
+                                    pipeline.QuantizeOptions(n_calib=n_calib, device=device, save_weights=False))
             quant = {"method": rec["method"], "bits": rec["bits"], "group_size": rec["group_size"],
                      **rec["quant_params"], "seed": rec["seed"]}
-            merge_rec = {"id": merge, "method": None, "params": rec["merge_params"]}
+            merge_rec = {"id": run.merge, "method": None, "params": rec["merge_params"]}
         else:
             pc = _read_json(Path(packed_from) / "quant_config.json").get("config", {})
             quant = {k: pc.get(k) for k in ("method", "bits", "group_size", "seed")}
-            merge_rec = {"id": pc.get("merge", merge), "method": None, "params": pc.get("merge_params", {})}
+            merge_rec = {"id": pc.get("merge", run.merge), "method": None, "params": pc.get("merge_params", {})}
         _, results, others = read_packed(packed_from)
         model = suite.new_encoder()
         mrec = _read_json(Path(merged).with_suffix(".json"))
-        merge_rec["method"] = mrec.get("method", merge)
+        merge_rec["method"] = mrec.get("method", run.merge)
         prov = suite_provenance(suite, spec["type"])
         assets, notes = suite_assets(suite, spec["type"])
-        meta = {"suite": suite_id, "suite_type": spec["type"], "format": fmt, **prov, "merge": merge_rec,
-                "quantizer": quant, "calibration": {"n_per_task": n_calib, "seed": seed, "batch_size": batch_size,
-                                                    "split": "train"},
-                "leaderboard": leaderboard_rows(results_dir, suite_id, run, merge),
+        meta = {"suite": run.suite, "suite_type": spec["type"], "format": fmt, **prov, "merge": merge_rec,
+                "quantizer": quant, "calibration": {"n_per_task": n_calib, "seed": run.seed,
+                                                    "batch_size": batch_size, "split": "train"},
+                "leaderboard": leaderboard_rows(results_dir, run),
                 "library_name": "transformers" if hf_config(model) is not None else None, "notes": notes}
         meta.update({k: pipeline.provenance()[k2] for k, k2 in (("epmq_version", "epmq"), ("git_sha", "git_sha"))})
         config = hf_config(model)

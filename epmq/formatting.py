@@ -1,6 +1,7 @@
 """How a scalar setting is written as text -- two forms, on purpose, both owned here.
 
-* :func:`id_value` -- the form inside result *paths* (quantizer ids such as ``epmq.lam_w=0.1``). Existing
+* :func:`id_value` -- the form inside result *paths* (quantizer ids such as ``epmq.lam_w=0.1``; written as
+  ``epmq.identity.fmt_value`` there, and read back by ``epmq.identity.parse_value``). Existing
   results folders are named with it, so it must never change: floats as their shortest round-trip
   ``repr`` (``0.1``, ``1e-05``, ``0.0``, ``1000000.0``, ``1e+20``) except integral ones with
   1 <= |v| < 1e6, written without the ``.0`` (``2.0`` -> ``2``); bools lowercase; anything else ``str()``

@@ -6,9 +6,13 @@ Stages and their artefacts (``R`` = the config's ``results`` folder, ``S`` = a s
     build expert    R/S/experts/<task>.safetensors
     merge           R/S/merged/<merge>.safetensors    + .json  (hyperparameters chosen on validation)
     calibrate       R/S/calib/n<n>_s<seed>.safetensors         (the calibration batches of every task)
-    quantize        R/S/quant/<run>.safetensors       + .json  (fake-quant weights; <run> see epmq.config)
+    quantize        R/S/quant/<run>.safetensors       + .json  (fake-quant weights; <run> see epmq.identity)
     evaluate        R/S/eval/<model>.json                      (per-task test accuracy, one run record)
     report          reports/leaderboard.{csv,md,html}, reports/figures/*.svg
+
+The paths are rendered and parsed by :mod:`epmq.identity` (a model's id, its files, the rules' patterns); a
+quantize job is described by a :class:`~epmq.identity.QuantRun`, the files it reads and writes
+(:class:`QuantizeFiles`) and how it runs (:class:`QuantizeOptions`).
 
 Every file is written atomically (temp file + rename), so an interrupted job leaves nothing a later job could
 mistake for a result. Suite ``spec`` dicts (``{"type", "cache", "seed", "options", "threads"}``) come from
@@ -30,19 +34,21 @@ import time
 from pathlib import Path
 
 from epmq.errors import EPMQError, all_finite
+from epmq.identity import Base, Calib, Expert, Merged, Model, QuantRun, render
 from epmq.io import load_safetensors as _load_sd
 from epmq.io import save_safetensors_atomic, write_json_atomic
 from epmq.io import stderr_isatty as _isatty
 
 # ---------------------------------------------------------------------------------------------- paths
 
+#: every stage's artefact as a pattern (``{results}`` and the rules' wildcards), rendered by epmq.identity
 PATTERNS = {
-    "base": "{results}/{suite}/base.safetensors",
-    "expert": "{results}/{suite}/experts/{task}.safetensors",
-    "merged": "{results}/{suite}/merged/{merge}.safetensors",
-    "calib": "{results}/{suite}/calib/n{n}_s{seed}.safetensors",
-    "quant": "{results}/{suite}/quant/{merge}/{quantizer}/w{bits}g{group}/s{seed}.safetensors",
-    "eval": "{results}/{suite}/eval/{model}.json",
+    "base": Base.pattern("{results}"),  # {results}/{suite}/base.safetensors
+    "expert": Expert.pattern("{results}"),  # {results}/{suite}/experts/{task}.safetensors
+    "merged": Merged.pattern("{results}"),  # {results}/{suite}/merged/{merge}.safetensors
+    "calib": Calib.pattern("{results}"),  # {results}/{suite}/calib/n{n}_s{seed}.safetensors
+    "quant": QuantRun.pattern("{results}"),  # {results}/{suite}/quant/{merge}/{quantizer}/w{bits}g{group}/s{seed}...
+    "eval": render("{results}", "{suite}", "{model}", ".json", folder="eval"),  # {results}/{suite}/eval/{model}.json
 }
 
 
@@ -340,15 +346,37 @@ def load_calibration(path, tasks) -> list[list]:
 # ---------------------------------------------------------------------------------------------- quantize
 
 
-def quantize(spec: dict, merged, calib, qcfg: dict, out, *, seed: int | None = None, n_calib: int | None = None,
-             device: str = "auto", packed=None, save_weights: bool = True, evaluate_to=None,
-             suite_id: str | None = None, model_id: str | None = None) -> dict:
-    """Quantize the merged encoder with ``qcfg`` (QuantConfig fields); write a record (``out`` with suffix
-    ``.json``) and, with ``save_weights``, the fake-quant weights (``out``). With ``packed`` (a folder), also
-    write the deployable packed low-bit checkpoint (:func:`epmq.quant.packed.save_quantized`; reload with
-    ``load_quantized``). With ``evaluate_to`` (a path), also evaluate the quantized encoder in this process and
-    write its run record there (as :func:`evaluate` would, given ``suite_id`` and ``model_id``): the workflow
-    does this, which spares a process start, a weights file and its reload per quantized model."""
+@dataclasses.dataclass(frozen=True)
+class QuantizeFiles:
+    """What a quantize job reads and writes. ``merged``: the merged encoder (its merge record, ``merged`` with
+    suffix ``.json``, is read too); ``calib``: the calibration batches (None, or not read, for a method without
+    calibration; the experts a method needs are the suite's own files); ``out``: the fake-quant weights (written
+    with ``QuantizeOptions.save_weights``), the quantize record going to ``out`` with suffix ``.json``;
+    ``packed``: a folder for the deployable packed low-bit checkpoint (:func:`epmq.quant.packed.save_quantized`);
+    ``evaluate_to``: a run record path, to evaluate the quantized encoder in this process (as :func:`evaluate`
+    would), which spares a process start, a weights file and its reload per quantized model (the workflow's way)."""
+
+    merged: str | Path
+    calib: str | Path | None
+    out: str | Path
+    packed: str | Path | None = None
+    evaluate_to: str | Path | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeOptions:
+    """How a quantize job runs: ``n_calib`` (examples per task of the calibration file, for the record),
+    ``device`` (:func:`epmq.device.resolve`), ``save_weights`` (write ``QuantizeFiles.out``)."""
+
+    n_calib: int | None = None
+    device: str = "auto"
+    save_weights: bool = True
+
+
+def quantize(spec: dict, run: QuantRun, qcfg: dict, files: QuantizeFiles,
+             options: QuantizeOptions = QuantizeOptions()) -> dict:
+    """Quantize ``run``'s merged encoder with ``qcfg`` (QuantConfig fields, whose method, bits and group size
+    must be the run's); write its record and what ``files`` asks for (see :class:`QuantizeFiles`)."""
     import torch
 
     from epmq.calibrate import QuantConfig, quantize_model
@@ -356,11 +384,15 @@ def quantize(spec: dict, merged, calib, qcfg: dict, out, *, seed: int | None = N
     from epmq.merge.driver import lazy_state_dict
 
     cfg = QuantConfig(**qcfg)
+    if (cfg.method, cfg.bits, cfg.group_size) != (run.method, run.bits, run.group_size):
+        raise EPMQError(f"{run.model_id}: quantizer config {cfg.method}, {cfg.bits} bits, group size "
+                        f"{cfg.group_size} is not the run's")
     suite = open_suite(spec)
-    model = suite.load_encoder(merged)
-    batches = load_calibration(calib, suite.tasks) if (calib and cfg.spec.needs_calibration) else None
+    model = suite.load_encoder(files.merged)
+    needs_calib = files.calib and cfg.spec.needs_calibration
+    batches = load_calibration(files.calib, suite.tasks) if needs_calib else None
     experts = [lazy_state_dict(suite.expert_path(t)) for t in suite.tasks] if cfg.spec.needs_experts else None
-    dev = resolve(device)
+    dev = resolve(options.device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     rep = quantize_model(model, batches, cfg, experts=experts, adapter=suite.adapter, device=dev,
@@ -372,12 +404,12 @@ def quantize(spec: dict, merged, calib, qcfg: dict, out, *, seed: int | None = N
     for k, v in sd.items():
         if v.is_floating_point() and not all_finite(v):
             raise EPMQError(f"quantized weight {k} has NaN/Inf ({cfg.method}, {cfg.bits} bits)")
-    merged_rec = _read_json(Path(merged).with_suffix(".json"))
+    merged_rec = _read_json(Path(files.merged).with_suffix(".json"))
     record = {
         "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
         "quant_params": dataclasses.asdict(cfg),
-        "seed": seed if cfg.spec.needs_calibration else None,
-        "n_calib": n_calib if cfg.spec.needs_calibration else None,
+        "seed": run.seed if cfg.spec.needs_calibration else None,
+        "n_calib": options.n_calib if cfg.spec.needs_calibration else None,
         "merge": merged_rec["merge"], "merge_params": merged_rec["params"],
         "cost": {"quantize_seconds": rep.seconds,
                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -385,20 +417,18 @@ def quantize(spec: dict, merged, calib, qcfg: dict, out, *, seed: int | None = N
         "device": str(dev), "layers": len(rep.layers),
         "quantized": sorted(rep.results),
     }
-    out = Path(out)
-    if save_weights:
+    out = Path(files.out)
+    if options.save_weights:
         save_safetensors_atomic(out, sd)
-    if evaluate_to is not None:
-        if suite_id is None or model_id is None:
-            raise EPMQError("quantize(evaluate_to=...): suite_id and model_id are required")
-        _evaluate_encoder(spec, suite, suite_id, model_id, model.to("cpu").eval(), record, evaluate_to)
+    if files.evaluate_to is not None:
+        _evaluate_encoder(spec, suite, run, model.to("cpu").eval(), record, files.evaluate_to)
     write_json_atomic(out.with_suffix(".json"), record)
-    if packed is not None:
+    if files.packed is not None:
         from epmq.quant.packed import save_quantized
 
         if not rep.results:
             raise EPMQError(f"--packed: method {cfg.method!r} leaves no integer codes to pack")
-        record["packed"] = save_quantized(model.to("cpu"), rep.results, packed,
+        record["packed"] = save_quantized(model.to("cpu"), rep.results, files.packed,
                                           config={k: record[k] for k in ("method", "bits", "group_size",
                                                                          "merge", "merge_params", "seed")})
     return record
@@ -407,57 +437,49 @@ def quantize(spec: dict, merged, calib, qcfg: dict, out, *, seed: int | None = N
 # ---------------------------------------------------------------------------------------------- evaluate
 
 
-def parse_model_id(model: str) -> dict:
-    """``base`` | ``experts/<task>`` | ``merged/<merge>`` | ``quant/<merge>/<quantizer>/w<b>g<g>/s<seed>``."""
-    parts = model.split("/")
-    if parts == ["base"]:
-        return {"model": "base"}
-    if len(parts) == 2 and parts[0] == "experts":
-        return {"model": "expert", "expert_task": parts[1]}
-    if len(parts) == 2 and parts[0] == "merged":
-        return {"model": "merged", "merge": parts[1]}
-    if len(parts) == 5 and parts[0] == "quant":
-        return {"model": "quantized", "merge": parts[1], "quantizer": parts[2]}
-    raise EPMQError(f"model id {model!r}: expected base, experts/<task>, merged/<merge> or quant/<run>")
-
-
-def evaluate(spec: dict, suite_id: str, model: str, weights, out, *, split: str = "test") -> dict:
+def evaluate(spec: dict, model: Model, weights, out, *, split: str = "test") -> dict:
     """Test accuracy of every task for one encoder (an expert: of its own task, the leaderboard's reference row);
-    writes the run record the leaderboard reads."""
-    kind = parse_model_id(model)
+    writes the run record the leaderboard reads. ``model``: an :mod:`epmq.identity` model (e.g.
+    ``parse_model(suite, "merged/ties")``); a merged or quantized model's record is read beside ``weights``."""
     suite = open_suite(spec)
-    side = _read_json(Path(weights).with_suffix(".json")) if kind["model"] in ("merged", "quantized") else {}
-    return _evaluate_encoder(spec, suite, suite_id, model, suite.load_encoder(weights), side, out, split=split)
+    side = _read_json(Path(weights).with_suffix(".json")) if isinstance(model, (Merged, QuantRun)) else {}
+    return _evaluate_encoder(spec, suite, model, suite.load_encoder(weights), side, out, split=split)
 
 
-def _evaluate_encoder(spec: dict, suite, suite_id: str, model: str, encoder, side: dict, out, *,
-                      split: str = "test") -> dict:
-    """Evaluate ``encoder`` (model id ``model``; ``side`` = its merge / quantize record) and write the run record."""
-    from epmq.config import fmt_value
+def _variant(run: QuantRun, side: dict) -> dict:
+    """A sweep point's knobs with the values its quantize record ``side`` used (the id's text cannot tell 1 from
+    1.0; the record can)."""
+    from epmq.identity import fmt_value
 
-    kind = parse_model_id(model)
+    variant = {}
+    for knob, value in run.variant:
+        used = side.get("quant_params", {}).get(knob)
+        if fmt_value(used) != fmt_value(value):
+            raise EPMQError(f"{run.model_id}: its quantize record has {knob}={used!r}, its id says {value!r}")
+        variant[knob] = used
+    return variant
+
+
+def _evaluate_encoder(spec: dict, suite, model: Model, encoder, side: dict, out, *, split: str = "test") -> dict:
+    """Evaluate ``encoder`` (the model ``model``; ``side`` = its merge / quantize record) and write the run record."""
     for k, v in encoder.state_dict().items():  # NaN weights score chance accuracy: never a valid record
         if v.is_floating_point() and not all_finite(v):
-            raise EPMQError(f"{model}: weight {k} has NaN/Inf; not evaluated (rebuild the model that wrote it)")
+            raise EPMQError(f"{model.model_id}: weight {k} has NaN/Inf; not evaluated (rebuild the model that "
+                            "wrote it)")
     t0 = time.perf_counter()
-    if kind["model"] == "expert":
-        task = kind["expert_task"]
-        recs = {task: suite.evaluate(encoder, task, split=split)}
+    if isinstance(model, Expert):
+        recs = {model.task: suite.evaluate(encoder, model.task, split=split)}
     else:
         recs = suite.evaluate_all(encoder, split=split)
         recs = recs.get("tasks", recs)
-    variant = {}
-    if kind["model"] == "quantized":
-        _, _, rest = kind["quantizer"].partition(".")
-        if rest:
-            p = rest.split("=", 1)[0]
-            variant = {p: side["quant_params"][p]}
-            assert fmt_value(variant[p]) == rest.split("=", 1)[1], (variant, rest)
+    quantized = isinstance(model, QuantRun)
     record = {
-        "schema": 1, "suite": suite_id, "model": kind["model"], "expert_task": kind.get("expert_task"),
+        "schema": 1, "suite": model.suite, "model": model.KIND,
+        "expert_task": model.task if isinstance(model, Expert) else None,
         "merge": side.get("merge"), "merge_params": side.get("merge_params", side.get("params", {})),
-        "method": side.get("method") if kind["model"] == "quantized" else None,
-        "bits": side.get("bits"), "group_size": side.get("group_size"), "variant": variant,
+        "method": side.get("method") if quantized else None,
+        "bits": side.get("bits"), "group_size": side.get("group_size"),
+        "variant": _variant(model, side) if quantized else {},
         "quant_params": side.get("quant_params", {}), "seed": side.get("seed"), "n_calib": side.get("n_calib"),
         "split": split, "tasks": recs,
         "cost": side.get("cost", {"quantize_seconds": None, "peak_rss_mb": None, "gpu_mb": None}),
@@ -477,18 +499,10 @@ def report(eval_paths, out_dir, *, benchmarks=(), meta: dict | None = None, anch
     ``.../<suite>/eval/quant/<run>.json``). ``anchors`` (the config's ``anchors:``): numbers quoted from the
     literature, shown beside ours and never averaged with them (None / ``{}``: none)."""
     from epmq.report import build_leaderboard, load_runs
+    from epmq.report.runs import match_benchmarks
 
-    by_run = {}
-    for b in map(Path, benchmarks):
-        parts = b.with_suffix("").parts
-        if "quantize" in parts:
-            by_run[parts[parts.index("quantize") + 1:]] = b
     eval_paths = [Path(p) for p in eval_paths]
-    benches = []
-    for p in eval_paths:
-        parts = p.with_suffix("").parts
-        key = (parts[parts.index("eval") - 1], *parts[parts.index("eval") + 2:]) if "quant" in parts else None
-        benches.append(by_run.get(key) if key else None)
+    benches = match_benchmarks(eval_paths, benchmarks)
     return build_leaderboard(load_runs(eval_paths, benches, complete=True), out_dir, meta=meta, anchors=anchors)
 
 

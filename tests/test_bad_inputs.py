@@ -160,6 +160,7 @@ def test_calibration_that_is_not_one_is_named(tmp_path):
 
 
 def test_evaluating_nan_weights_is_refused_and_writes_nothing(tmp_path):
+    from epmq.identity import Merged
     from epmq.pipeline import _evaluate_encoder
 
     enc = torch.nn.Linear(4, 2)
@@ -167,7 +168,7 @@ def test_evaluating_nan_weights_is_refused_and_writes_nothing(tmp_path):
         enc.weight[0, 1] = float("nan")
     out = tmp_path / "eval.json"
     with pytest.raises(EPMQError, match=r"merged/task_arithmetic: weight weight has NaN/Inf; not evaluated"):
-        _evaluate_encoder({}, None, "tiny-vit", "merged/task_arithmetic", enc, {}, out)
+        _evaluate_encoder({}, None, Merged("tiny-vit", "task_arithmetic"), enc, {}, out)
     assert not out.exists()
 
 

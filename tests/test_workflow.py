@@ -59,6 +59,12 @@ def test_dry_run_of_every_shipped_config(config, tmp_path):
     # base / experts / merged models are evaluate jobs; quantized models are evaluated by their quantize job
     n_eval = sum(len(grid.eval_targets(s)) for s in grid.suites) - len(grid.runs)
     assert f"evaluate {n_eval}" in " ".join(out.split())
+    # what a quantize job reads is declared: the merged model and its merge record, the base (the heads)
+    for block in out.split("rule quantize:")[1:]:
+        inputs = block.split("input: ", 1)[1].split("\n", 1)[0].split(", ")
+        assert {p.rsplit("/", 2)[-2] + "/" + p.rsplit(".", 1)[-1] for p in inputs} >= {
+            "merged/safetensors", "merged/json"}, inputs
+        assert any(p.endswith("/base.safetensors") for p in inputs), inputs
 
 
 def test_schema_enums_match_registries():
@@ -129,27 +135,40 @@ def _validated(cfg):
     return cfg
 
 
+def _run(quantizer, suite="tiny-vit", merge="task_arithmetic", bits=3, group=-1, seed=0):
+    """A quantized run named as a quantize job's wildcards name it."""
+    from epmq.identity import QuantRun
+
+    return QuantRun.from_wildcards({"suite": suite, "merge": merge, "quantizer": quantizer, "bits": str(bits),
+                                    "group": str(group), "seed": str(seed)})
+
+
 def test_grid_expansion_and_knob_scoping():
     grid = epmq.config.expand(_load(ROOT / "configs" / "tiny.yaml"))
     ids = [f"{r.quantizer}/s{r.seed}" for r in grid.runs]
     assert ids.count("rtn/s0") == 1 and "rtn/s1" not in ids  # RTN uses no calibration: one run
     assert {"gptq/s0", "gptq/s1", "epmq/s0", "epmq/s1", "epmq.lam_w=1/s0"} <= set(ids)
-    assert grid.quant_config("epmq.lam_w=1", 3, -1)["lam_w"] == 1.0
+    qcfg = grid.quant_config(_run("epmq.lam_w=1"))
+    # the path reads lam_w=1 back as the integer 1; the job gets the config's float, as the record has it
+    assert qcfg["lam_w"] == 1.0 and isinstance(qcfg["lam_w"], float)
     # RTN / GPTQ do not see E-PMQ's knobs, so changing one re-runs only the E-PMQ branch
-    assert "lam_w" not in grid.quant_config("gptq", 3, -1) and "damp" not in grid.quant_config("rtn", 3, -1)
-    assert grid.quant_config("epmq", 3, -1)["lam_w"] == 0.01
+    assert "lam_w" not in grid.quant_config(_run("gptq")) and "damp" not in grid.quant_config(_run("rtn"))
+    assert grid.quant_config(_run("epmq"))["lam_w"] == 0.01
+    with pytest.raises(EPMQError, match=r"quantizer 'epmq.lam_w=7' \(quant/task_arithmetic/epmq.lam_w=7/w3g-1/s0"):
+        grid.quant_config(_run("epmq.lam_w=7"))  # a sweep point off the grid: its values' types are unknown
 
 
 def test_suite_level_quantizer_knobs_override_shared_ones():
     cfg = _tiny()
     cfg["suites"]["tiny-vit"]["quantize"] = {"forward_dtype": "bf16", "lam_w": 0.5}
+    cfg["suites"]["other"] = {"type": "tiny-vit"}
     epmq.config.validate(cfg)
     grid = epmq.config.expand(cfg)
-    assert grid.quant_config("gptq", 3, -1, "tiny-vit")["forward_dtype"] == "bf16"
-    assert "forward_dtype" not in grid.quant_config("rtn", 3, -1, "tiny-vit")  # RTN reads no calibration knob
-    assert grid.quant_config("epmq", 3, -1, "tiny-vit")["lam_w"] == 0.5
-    assert grid.quant_config("epmq.lam_w=1", 3, -1, "tiny-vit")["lam_w"] == 1.0  # a sweep point wins
-    assert grid.quant_config("epmq", 3, -1)["lam_w"] == 0.01  # no suite: the shared knobs
+    assert grid.quant_config(_run("gptq"))["forward_dtype"] == "bf16"
+    assert "forward_dtype" not in grid.quant_config(_run("rtn"))  # RTN reads no calibration knob
+    assert grid.quant_config(_run("epmq"))["lam_w"] == 0.5
+    assert grid.quant_config(_run("epmq.lam_w=1"))["lam_w"] == 1.0  # a sweep point wins
+    assert grid.quant_config(_run("epmq", suite="other"))["lam_w"] == 0.01  # another suite: the shared knobs
     cfg["suites"]["tiny-vit"]["quantize"] = {"nope": 1}
     with pytest.raises(EPMQError, match=r"suites\.tiny-vit\.quantize"):
         epmq.config.validate(cfg)

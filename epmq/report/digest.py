@@ -5,7 +5,9 @@ no number proves it by comparing digests before and after (``epmq digest results
 
 * a JSON record hashes its canonical form without the fields that measure the run rather than the result
   (:data:`VOLATILE`: times, peak memory, versions and the git SHA);
-* a ``.safetensors`` file hashes its bytes; every other file is not part of the digest.
+* a ``.safetensors`` file hashes its header parsed to canonical JSON (safetensors writes the ``__metadata__``
+  map in a different key order in each process) followed by its tensor bytes; every other file is not part
+  of the digest.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ def file_digest(path: Path) -> str:
         return hashlib.sha256(data).hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        try:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        except ValueError as err:
+            raise EPMQError(f"{path}: not a readable safetensors file ({err})") from None
+        h.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

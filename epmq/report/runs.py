@@ -237,6 +237,24 @@ def read_benchmark(path: str | Path) -> dict:
     return {"seconds": statistics.median(secs) if secs else None, "max_rss_mb": max(rss) if rss else None}
 
 
+def match_benchmarks(eval_paths: Iterable[str | Path], bench_paths: Iterable[str | Path]) -> list[Path | None]:
+    """For each run record, the quantize job benchmark of the same run (:mod:`epmq.identity`: record
+    ``<results>/<suite>/eval/quant/<run>.json``, benchmark ``.../quantize/<suite>/<run>.tsv``), else None: a
+    :func:`load_runs` ``bench_paths``. A record at another path (assembled by hand) has none; a benchmark that
+    is not a quantize job's is an error naming it."""
+    from epmq.identity import QuantRun, parse_benchmark, parse_eval_path
+
+    by_run = {parse_benchmark(b): Path(b) for b in bench_paths}
+    out = []
+    for p in eval_paths:
+        try:
+            model = parse_eval_path(p)
+        except EPMQError:
+            model = None
+        out.append(by_run.get(model) if isinstance(model, QuantRun) else None)
+    return out
+
+
 def load_runs(eval_paths: Iterable[str | Path], bench_paths: Iterable[str | Path | None] | None = None, *,
               complete: bool = False) -> list[dict]:
     """Read and check the evaluation JSONs, in the given order, as normalised run dicts (``source`` = path).

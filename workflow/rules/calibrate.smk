@@ -2,11 +2,11 @@ rule calibrate:
     input:
         rules.base.output,
     output:
-        f"{R}/{{suite}}/calib/n{{n}}_s{{seed}}.safetensors",
+        Calib.pattern(R),  # R/{suite}/calib/n{n}_s{seed}.safetensors
     log:
-        "logs/calibrate/{suite}/n{n}_s{seed}.log",
+        Calib.job_pattern("logs", "calibrate", ".log"),
     benchmark:
-        "benchmarks/calibrate/{suite}/n{n}_s{seed}.tsv"
+        Calib.job_pattern("benchmarks", "calibrate", ".tsv")
     conda:
         "../../envs/epmq.yaml"
     threads: 1

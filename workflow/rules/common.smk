@@ -1,6 +1,16 @@
 import re
 
 import epmq.config
+from epmq.identity import (
+    Base,
+    Calib,
+    Expert,
+    Merged,
+    QuantRun,
+    job_file,
+    parse_model,
+    render,
+)
 from epmq.pipeline import suite_spec
 
 GRID = epmq.config.expand(config)
@@ -61,38 +71,45 @@ def spec(wildcards):
 
 
 def experts_of(wildcards):
-    return expand(
-        "{R}/{suite}/experts/{task}.safetensors",
-        R=R,
-        suite=wildcards.suite,
-        task=GRID.tasks(wildcards.suite),
-    )
+    return [Expert(wildcards.suite, t).weights(R) for t in GRID.tasks(wildcards.suite)]
 
 
-def needs(quantizer):
-    from epmq.quant import METHODS
-
-    return METHODS[quantizer.split(".")[0]]
+def quant_run(wildcards):
+    """The grid's quantized run a quantize job's wildcards name (epmq.identity parses them)."""
+    return GRID.quant_run(QuantRun.from_wildcards(wildcards))
 
 
 def quantize_inputs(w):
-    m = needs(w.quantizer)
-    out = {"merged": f"{R}/{w.suite}/merged/{w.merge}.safetensors"}
+    """What a quantize job reads: the merged model and its merge record, the calibration batches and the
+    experts when its method reads them, and the base (its job wrote the heads the evaluation reads).
+    """
+    from epmq.quant import METHODS
+
+    run = quant_run(w)
+    m = METHODS[run.method]
+    merged = run.merged()
+    out = {
+        "merged": merged.weights(R),
+        "merged_record": merged.record(R),
+        "base": Base(w.suite).weights(R),
+    }
     if m.needs_calibration:
-        out["calib"] = f"{R}/{w.suite}/calib/n{CAL['n_per_task']}_s{w.seed}.safetensors"
+        out["calib"] = run.calib(CAL["n_per_task"]).weights(R)
     if m.needs_experts:
         out["experts"] = experts_of(w)
     return out
 
 
-def weights_of(wildcards):
-    """The weights (and their JSON record) an evaluation reads."""
-    m = wildcards.model
-    if m == "base":
-        return [f"{R}/{wildcards.suite}/base.safetensors"]
-    if m.startswith("experts/"):
-        return [f"{R}/{wildcards.suite}/{m}.safetensors"]
-    return [f"{R}/{wildcards.suite}/{m}.safetensors", f"{R}/{wildcards.suite}/{m}.json"]
+def evaluate_inputs(wildcards):
+    """What an evaluation reads: the weights (first: evaluate_ask sizes them), a merged model's merge record,
+    and the base (its job wrote the heads)."""
+    model = parse_model(wildcards.suite, wildcards.model)
+    out = {"weights": model.weights(R)}
+    if isinstance(model, (Merged, QuantRun)):
+        out["record"] = model.record(R)
+    if not isinstance(model, Base):
+        out["base"] = Base(wildcards.suite).weights(R)
+    return out
 
 
 include: "resources.smk"

@@ -1,12 +1,12 @@
 rule evaluate:
     input:
-        weights_of,
+        unpack(evaluate_inputs),
     output:
-        f"{R}/{{suite}}/eval/{{model}}.json",
+        render(R, "{suite}", "{model}", ".json", folder="eval"),  # R/{suite}/eval/{model}.json
     log:
-        "logs/evaluate/{suite}/{model}.log",
+        job_file("logs", "evaluate", "{suite}", "{model}", ".log"),
     benchmark:
-        "benchmarks/evaluate/{suite}/{model}.tsv"
+        job_file("benchmarks", "evaluate", "{suite}", "{model}", ".tsv")
     conda:
         "../../envs/epmq.yaml"
     threads: THREADS

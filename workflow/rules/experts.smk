@@ -45,11 +45,11 @@ rule base:
     input:
         fetched,
     output:
-        f"{R}/{{suite}}/base.safetensors",
+        Base.pattern(R),  # R/{suite}/base.safetensors
     log:
-        "logs/base/{suite}.log",
+        Base.job_pattern("logs", "base", ".log"),
     benchmark:
-        "benchmarks/base/{suite}.tsv"
+        Base.job_pattern("benchmarks", "base", ".tsv")
     conda:
         "../../envs/epmq.yaml"
     threads: THREADS
@@ -67,11 +67,11 @@ rule expert:
     input:
         rules.base.output,
     output:
-        f"{R}/{{suite}}/experts/{{task}}.safetensors",
+        Expert.pattern(R),  # R/{suite}/experts/{task}.safetensors
     log:
-        "logs/expert/{suite}/{task}.log",
+        Expert.job_pattern("logs", "expert", ".log"),
     benchmark:
-        "benchmarks/expert/{suite}/{task}.tsv"
+        Expert.job_pattern("benchmarks", "expert", ".tsv")
     conda:
         "../../envs/epmq.yaml"
     threads: THREADS

@@ -3,12 +3,12 @@ rule merge:
         base=rules.base.output,
         experts=experts_of,
     output:
-        model=f"{R}/{{suite}}/merged/{{merge}}.safetensors",
-        record=f"{R}/{{suite}}/merged/{{merge}}.json",
+        model=Merged.pattern(R),  # R/{suite}/merged/{merge}.safetensors
+        record=Merged.pattern(R, ".json"),
     log:
-        "logs/merge/{suite}/{merge}.log",
+        Merged.job_pattern("logs", "merge", ".log"),
     benchmark:
-        "benchmarks/merge/{suite}/{merge}.tsv"
+        Merged.job_pattern("benchmarks", "merge", ".tsv")
     conda:
         "../../envs/epmq.yaml"
     threads: THREADS

@@ -2,14 +2,15 @@ rule quantize:
     input:
         unpack(quantize_inputs),
     output:
-        record=f"{R}/{{suite}}/quant/{{merge}}/{{quantizer}}/w{{bits}}g{{group}}/s{{seed}}.json",
+        # R/{suite}/quant/{merge}/{quantizer}/w{bits}g{group}/s{seed}.json
+        record=QuantRun.pattern(R, ".json"),
         # the quantized model is evaluated in the same job (no weights file written and re-read, no second
         # process start per model); `epmq quantize --out/--packed` writes weights for deployment
-        eval=f"{R}/{{suite}}/eval/quant/{{merge}}/{{quantizer}}/w{{bits}}g{{group}}/s{{seed}}.json",
+        eval=QuantRun.pattern(R, ".json", folder="eval"),
     log:
-        "logs/quantize/{suite}/{merge}/{quantizer}/w{bits}g{group}/s{seed}.log",
+        QuantRun.job_pattern("logs", "quantize", ".log"),
     benchmark:
-        "benchmarks/quantize/{suite}/{merge}/{quantizer}/w{bits}g{group}/s{seed}.tsv"
+        QuantRun.job_pattern("benchmarks", "quantize", ".tsv")
     conda:
         "../../envs/epmq.yaml"
     threads: THREADS
@@ -19,7 +20,7 @@ rule quantize:
         runtime=ask_minutes(quantize_ask),
     params:
         spec=spec,
-        qcfg=lambda w: GRID.quant_config(w.quantizer, w.bits, w.group, w.suite),
+        qcfg=lambda w: GRID.quant_config(quant_run(w)),
         n_calib=CAL["n_per_task"],
         device=DEVICE,
     script:

@@ -76,7 +76,7 @@ def quantize_ask(wildcards, input, attempt):
 
 
 def evaluate_ask(wildcards, input, attempt):
-    w = _mb(input[0])
+    w = _mb(input.weights)
     return _ask(3 * w + 2000, 30 + w / 10, attempt)
 
 
