@@ -383,12 +383,14 @@ class SafetensorsHeader:
 
     ``tensors`` maps each key to ``(safetensors dtype, shape, begin, end)``; ``begin``/``end`` are byte
     offsets relative to :attr:`data_start` (= 8 + the header's length), in the file's order.
-    ``metadata`` is the string ``__metadata__`` (empty when the file has none)."""
+    ``metadata`` is the string ``__metadata__`` (empty when the file has none); ``raw`` the header's JSON
+    object as parsed (``__metadata__`` included)."""
 
     path: Path
     tensors: dict
     metadata: dict
     data_start: int
+    raw: dict
 
     def nbytes(self, key: str) -> int:
         """Bytes of tensor ``key`` (0 for a key the file does not hold)."""
@@ -424,9 +426,11 @@ def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise _not_readable(path, f"header: {err}") from err
     if not isinstance(header, dict):
         raise _not_readable(path, "header is not an object")
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.get("__metadata__") or {}
     start, tensors = 8 + n, {}
     for key, e in header.items():
+        if key == "__metadata__":
+            continue
         try:
             dtype, shape, (b, end) = e["dtype"], [int(d) for d in e["shape"]], e["data_offsets"]
         except (KeyError, TypeError, ValueError) as err:
@@ -439,7 +443,7 @@ def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
         if end - b != math.prod(shape) * ST_DTYPES[dtype][1]:
             raise EPMQError(f"{path}: tensor {key!r}: {end - b} bytes for shape {shape} {dtype}")
         tensors[key] = (dtype, tuple(shape), b, end)
-    return SafetensorsHeader(path, tensors, meta, start)
+    return SafetensorsHeader(path, tensors, meta, start, header)
 
 
 def load_safetensors(path: str | os.PathLike) -> dict:
