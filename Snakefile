@@ -16,7 +16,7 @@ if not workflow.overwrite_configfiles:
     configfile: "config.yaml"
 
 
-# workflow/schemas/config.schema.yaml: types + defaults; a violation stops here with one line naming the key
+# epmq/schemas/config.schema.yaml: types + defaults; a violation stops here with one line naming the key
 epmq.config.validate(config)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from epmq.io import atomic_path
+
 
 def text_table(rows: list[dict], cols: list[tuple[str, str]]) -> list[str]:
     """The lines of a table of ``rows``: one column per ``(key, format)`` in ``cols``, a rule under the header."""
@@ -16,8 +18,7 @@ def text_table(rows: list[dict], cols: list[tuple[str, str]]) -> list[str]:
 
 
 def write_csv(rows: list[dict], path: Path, columns: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for r in rows:

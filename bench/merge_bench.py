@@ -190,6 +190,7 @@ def whole_job(suite: BenchSuite, method: str, params: dict, select: dict, out: P
 def child(args) -> None:
     """One (method, mode) run, in its own process; its peak RSS is read by the parent."""
     from epmq import pipeline
+    from epmq.io import write_text_atomic
 
     if args.child == "whole":  # if memory runs out after all, the out-of-memory killer takes this process first
         try:
@@ -211,7 +212,7 @@ def child(args) -> None:
         pipeline.open_suite = lambda spec: suite  # the job, with the stand-in suite
         record = pipeline.merge({}, args.method, args.method, params, select, out)
     seconds = time.perf_counter() - t0
-    Path(args.json_out).write_text(json.dumps({"chosen_lam": record["params"]["lam"], "seconds": seconds}))
+    write_text_atomic(args.json_out, json.dumps({"chosen_lam": record["params"]["lam"], "seconds": seconds}))
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -144,6 +144,7 @@ def write_experts(args) -> list[Path]:
     with the same settings are there already. Runs in the parent process, so no variant's RSS pays for it."""
     from safetensors.torch import save_file
 
+    from epmq.io import atomic_path
     from epmq.merge.driver import lazy_state_dict
 
     paths, meta = expert_paths(args), _experts_meta(args)
@@ -156,9 +157,8 @@ def write_experts(args) -> list[Path]:
     Path(args.experts_dir).mkdir(parents=True, exist_ok=True)
     base_sd = {k: v.detach().clone() for k, v in _base(args).state_dict().items()}
     for path, sd in zip(paths, _experts(base_sd, args)):
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
         del sd
     return paths
 
@@ -538,8 +538,10 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.only:
+        from epmq.io import write_text_atomic
+
         r = run_variant(args.only, args)
-        Path(args.json_out).write_text(json.dumps(r))
+        write_text_atomic(args.json_out, json.dumps(r))
         return
     rows = bench(args)
     dev = rows[0]["device"]

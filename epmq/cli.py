@@ -246,6 +246,7 @@ def cmd_pin(args):
 
     import yaml
 
+    from epmq.io import write_text_atomic
     from epmq.models.sources import hub_commit, is_commit
 
     grid = _grid(args)
@@ -297,7 +298,7 @@ def cmd_pin(args):
     if yaml.safe_load(new) != want:  # the line edit must change exactly the revisions, nothing else
         raise EPMQError(f"{path}: its layout is not one `epmq pin --write` can edit safely (every hub id on its "
                         "own line under revisions.models / revisions.datasets); paste the block printed above")
-    path.write_text(new)
+    write_text_atomic(path, new)
     print(f"wrote {path}")
 
 

@@ -1,6 +1,6 @@
 """The experiment grid: validate a workflow config (``config.yaml``) and expand it into jobs.
 
-The JSON schema (``workflow/schemas/config.schema.yaml``) checks types and fills defaults; this module adds
+The JSON schema (``epmq/schemas/config.schema.yaml``) checks types and fills defaults; this module adds
 the checks a schema cannot make (names against the live registries, cross references between sections) and
 turns the config into the concrete job lists the Snakemake rules and the CLI share. It imports no torch.
 
@@ -426,7 +426,8 @@ def put_on_jobs_path(folder: str) -> None:
 
 
 def schema_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+    """The config's JSON schema: package data (``epmq/schemas/``), so an installed wheel finds it too."""
+    return Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 
 
 def validate(config: dict) -> None:

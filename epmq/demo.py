@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import os
 import time
 from pathlib import Path
+
+from epmq.io import atomic_path, write_text_atomic
 
 METHOD_ORDER = ("rtn", "gptq", "gptq_epmq_hessian", "gptq_corrected", "epmq", "epmq_unrounded")
 
@@ -86,13 +87,11 @@ def run(out: Path, *, n_tasks=4, bits=(2, 3, 4), seed=0, progress=True) -> list[
 
 def write(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".demo.csv.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(out / "demo.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["model", "bits", "distance_to_experts", "seconds"], extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({**r, "distance_to_experts": f"{r['distance_to_experts']:.6g}", "seconds": f"{r['seconds']:.2f}"})
-    os.replace(tmp, out / "demo.csv")
     lines = [
         "# epmq library demo (synthetic experts: output distance, not accuracy)",
         "",
@@ -105,7 +104,7 @@ def write(rows: list[dict], out: Path) -> None:
     ]
     for r in rows:
         lines.append(f"| {r['model']} | {r['bits']} | {r['distance_to_experts']:.4g} | {r['seconds']:.1f} |")
-    (out / "demo.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "demo.md", "\n".join(lines) + "\n")
 
 
 def main(argv=None) -> None:

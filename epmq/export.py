@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -62,6 +61,7 @@ import torch
 from torch import nn
 
 from epmq.errors import EPMQError
+from epmq.io import atomic_path
 from epmq.quant.packed import pack_codes, packed_row_bytes
 from epmq.quant.result import QuantResult
 
@@ -330,22 +330,6 @@ def quantized_tensors(model: nn.Module, results: dict[str, QuantResult], fmt: st
 # -------------------------------------------------------------------------------------------- folder
 
 
-def _atomic_dir(out: Path):
-    """A temp folder beside ``out``; :func:`_commit_dir` renames it into place (an old ``out`` is replaced)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-
-
-def _commit_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def hf_config(model: nn.Module) -> dict | None:
     """The ``config.json`` dict of a transformers model (None for other modules)."""
     cfg = getattr(model, "config", None)
@@ -376,8 +360,7 @@ def export_model(model: nn.Module, results: dict[str, QuantResult], out, *, fmt:
     check_exportable(model, results, fmt)
     out = Path(out)
     config = hf_config(model) if config is None else dict(config)
-    tmp = _atomic_dir(out)
-    try:
+    with atomic_path(out, folder=True) as tmp:  # built beside ``out``, renamed into place (an old one replaced)
         rec = {"format": fmt, **(record or {})}
         if fmt == "epmq":
             from epmq.quant.packed import save_quantized
@@ -419,10 +402,6 @@ def export_model(model: nn.Module, results: dict[str, QuantResult], out, *, fmt:
         rec["folder_bytes_without_record"] = folder_bytes(tmp)
         rec["files"] = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) + [RECORD_FILE]
         (tmp / RECORD_FILE).write_text(json.dumps(rec, indent=2, sort_keys=True, default=str) + "\n")
-        _commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return rec
 
 

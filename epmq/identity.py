@@ -39,15 +39,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from epmq.errors import EPMQError
-
-
-def fmt_value(v) -> str:
-    """A sweep value as it appears in a quantizer id: shortest round-trip text (0.1, 1e-05, 2)."""
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, float) and v.is_integer() and abs(v) < 1e6:
-        return str(int(v)) if abs(v) >= 1 else repr(v)
-    return repr(v) if isinstance(v, float) else str(v)
+from epmq.formatting import id_value as fmt_value  # the path form (epmq.formatting says why two forms)
 
 
 _INT = re.compile(r"-?\d+")

@@ -35,7 +35,9 @@ from pathlib import Path
 
 from epmq.errors import EPMQError, all_finite
 from epmq.identity import Base, Calib, Expert, Merged, Model, QuantRun, render
+from epmq.io import load_safetensors as _load_sd
 from epmq.io import save_safetensors_atomic, write_json_atomic
+from epmq.io import stderr_isatty as _isatty
 
 # ---------------------------------------------------------------------------------------------- paths
 
@@ -126,22 +128,6 @@ class job(log_to):
 
         grant(self.gpus)
         return super().__enter__()
-
-
-def _isatty() -> bool:
-    return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-
-
-def _load_sd(path) -> dict:
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise EPMQError(f"{path}: missing (run the stage that builds it first)")
-    try:
-        return load_file(str(path))
-    except Exception as err:
-        raise EPMQError(f"{path}: not a readable safetensors file ({err})") from err
 
 
 def _read_json(path) -> dict:

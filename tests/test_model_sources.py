@@ -188,7 +188,7 @@ def test_corrupt_files_are_named(tmp_path):
     save_safetensors_atomic(tmp_path / "ok.safetensors", {"w": torch.ones(100)})
     data = (tmp_path / "ok.safetensors").read_bytes()
     (tmp_path / "bad.safetensors").write_bytes(data[:-8])
-    with pytest.raises(EPMQError, match=r"bad.safetensors: cannot read safetensors file"):
+    with pytest.raises(EPMQError, match=r"bad.safetensors: not a readable safetensors file"):
         S.load_state_dict(tmp_path / "bad.safetensors")
     with pytest.raises(EPMQError, match="does not exist"):
         S.load_state_dict(tmp_path / "nope")

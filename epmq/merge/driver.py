@@ -25,7 +25,6 @@ naming the key and the expert index.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from epmq.errors import EPMQError, check_finite
+from epmq.io import ST_DTYPES, read_safetensors_header
 from epmq.merge.base import MergeData, MergeMethod, mix_seed
 from epmq.merge.registry import get_method
 
@@ -50,14 +50,6 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 )
 
 
-#: safetensors dtype names -> (torch dtype name, bytes per element); torch is resolved on first read
-_ST_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-              "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
-              "U8": ("uint8", 1), "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1),
-              "F8_E5M2": ("float8_e5m2", 1)}
-_MAX_HEADER = 100 * 2**20
-
-
 class SafetensorsStateDict(Mapping):
     """A read-only ``Mapping`` over a .safetensors file; each ``[key]`` reads that one tensor (on CPU).
 
@@ -69,35 +61,11 @@ class SafetensorsStateDict(Mapping):
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise EPMQError(f"{self.path}: no such safetensors file")
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 2 <= n <= min(_MAX_HEADER, size - 8):
-                raise EPMQError(f"{self.path}: not a readable safetensors file (bad header length)")
-            try:
-                header = json.loads(f.read(n))
-            except ValueError as err:
-                raise EPMQError(f"{self.path}: not a readable safetensors file (header: {err})") from err
-        if not isinstance(header, dict):
-            raise EPMQError(f"{self.path}: not a readable safetensors file (header is not an object)")
-        self._meta = header.pop("__metadata__", None) or {}
-        self._start = 8 + n
-        self._entries = {}
-        for key, e in header.items():
-            try:
-                dtype, shape, (b, end) = e["dtype"], [int(d) for d in e["shape"]], e["data_offsets"]
-            except (KeyError, TypeError, ValueError) as err:
-                raise EPMQError(f"{self.path}: tensor {key!r}: malformed header entry") from err
-            if dtype not in _ST_DTYPES:
-                raise EPMQError(f"{self.path}: tensor {key!r}: unsupported dtype {dtype!r}")
-            if not (0 <= b <= end <= size - self._start) or any(d < 0 for d in shape):
-                raise EPMQError(f"{self.path}: tensor {key!r}: data offsets outside the file (truncated?)")
-            if end - b != math.prod(shape) * _ST_DTYPES[dtype][1]:
-                raise EPMQError(f"{self.path}: tensor {key!r}: {end - b} bytes for shape {shape} {dtype}")
-            self._entries[key] = (_ST_DTYPES[dtype][0], tuple(shape), b, end)
+        header = read_safetensors_header(self.path)
+        self._meta = header.metadata
+        self._start = header.data_start
+        self._entries = {key: (ST_DTYPES[dtype][0], shape, b, end)
+                         for key, (dtype, shape, b, end) in header.tensors.items()}
         self._keys = tuple(sorted(self._entries))  # as safe_open lists them
         # one descriptor for the object's life: every read sees the file that was validated, even if a new
         # one is later moved over its path

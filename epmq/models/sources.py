@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from epmq.errors import EPMQError
+from epmq.io import load_safetensors as _load_safetensors
 
 # --------------------------------------------------------------------------------------------- resolving
 
@@ -227,15 +228,6 @@ def hub_commit(repo_id: str, revision: str = "main", *, repo_type: str = "model"
 # --------------------------------------------------------------------------------------------- state dicts
 
 STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model", "module")
-
-
-def _load_safetensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as e:  # SafetensorError, OSError, ...
-        raise EPMQError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e}) -- corrupt?") from e
 
 
 def _load_torch(path: Path) -> dict:

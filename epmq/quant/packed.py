@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -50,6 +48,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from epmq.errors import EPMQError, check_bits
+from epmq.io import atomic_path, read_safetensors_header, write_text_atomic
 from epmq.quant.result import QuantResult
 
 FORMAT_NAME = "epmq-packed"
@@ -624,21 +623,6 @@ def _bias_key(name: str) -> str | None:
     return f"{owner}.{b}" if owner else b
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` into a temp file in ``path``'s directory, fsync, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _jsonable(config: dict) -> dict:
     if not isinstance(config, dict):
         raise EPMQError(f"config: expected a dict, got {type(config).__name__}")
@@ -759,7 +743,8 @@ def save_quantized(
         "epmq_checkpoint_id": checkpoint_id,
     }
     wpath = path_dir / WEIGHTS_FILE
-    _atomic_write(wpath, lambda tmp: save_file(out, tmp, metadata=st_meta))
+    with atomic_path(wpath) as tmp:
+        save_file(out, str(tmp), metadata=st_meta)
     qcfg = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -772,28 +757,8 @@ def save_quantized(
         "config": config,
     }
     text = json.dumps(qcfg, indent=2, sort_keys=False) + "\n"
-    _atomic_write(path_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    write_text_atomic(path_dir / CONFIG_FILE, text)
     return checkpoint_size_report(path_dir)
-
-
-def _read_header(path: Path) -> tuple[dict, dict]:
-    """(tensor entries, __metadata__) of a safetensors file, from its JSON header only."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ValueError("file shorter than 8 bytes")
-            n = int.from_bytes(raw, "little")
-            if n <= 0 or n > min(size - 8, 1 << 28):
-                raise ValueError(f"header length {n} is invalid for a {size}-byte file")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
-        raise EPMQError(f"{path}: not a readable safetensors file ({e})") from None
-    if not isinstance(header, dict):
-        raise EPMQError(f"{path}: safetensors header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    return header, meta
 
 
 def _read_config(path_dir: Path) -> dict:
@@ -845,7 +810,7 @@ def load_quantized(model: nn.Module, path_dir, *, cache_weight: bool = False) ->
     wpath = path_dir / cfg.get("weights_file", WEIGHTS_FILE)
     if not wpath.is_file():
         raise EPMQError(f"{wpath}: missing")
-    _, st_meta = _read_header(wpath)
+    st_meta = read_safetensors_header(wpath).metadata
     if st_meta.get("epmq_format") != FORMAT_NAME or st_meta.get("epmq_format_version") != str(FORMAT_VERSION):
         raise EPMQError(f"{wpath}: safetensors metadata does not declare {FORMAT_NAME} v{FORMAT_VERSION}")
     if st_meta.get("epmq_checkpoint_id") != cfg.get("checkpoint_id"):
@@ -1008,17 +973,8 @@ def checkpoint_size_report(path_dir) -> dict:
     wpath = path_dir / cfg.get("weights_file", WEIGHTS_FILE)
     if not wpath.is_file():
         raise EPMQError(f"{wpath}: missing")
-    header, _ = _read_header(wpath)
-
-    def nbytes(key: str) -> int:
-        e = header.get(key)
-        if e is None:
-            return 0
-        try:
-            a, b = e["data_offsets"]
-            return int(b) - int(a)
-        except (KeyError, TypeError, ValueError):
-            raise EPMQError(f"{wpath}: malformed header entry for {key!r}") from None
+    header = read_safetensors_header(wpath)
+    nbytes = header.nbytes
 
     per = {}
     qkeys = set()
@@ -1039,11 +995,10 @@ def checkpoint_size_report(path_dir) -> dict:
     fp16 = sum(p["fp16_bytes"] for p in per.values())
     code = sum(p["code_bytes"] for p in per.values())
     meta = sum(p["meta_bytes"] for p in per.values())
-    other = sum(nbytes(k) for k in header if k not in qkeys)
+    other = sum(nbytes(k) for k in header.tensors if k not in qkeys)
     file_bytes = wpath.stat().st_size
     config_bytes = (path_dir / CONFIG_FILE).stat().st_size
-    with open(wpath, "rb") as f:
-        header_bytes = 8 + int.from_bytes(f.read(8), "little")
+    header_bytes = header.data_start
     return {
         "path": str(path_dir),
         "file_bytes": file_bytes,

@@ -42,7 +42,16 @@ class QuantResult:
         return self.scales[:, g] * (self.codes.float() - self.zeros[:, g])
 
 
-def layer_error(delta_w: torch.Tensor, H: torch.Tensor) -> float:
-    """tr(dW H dW^T): the layer's output error on the calibration data whose Gram matrix is H."""
+def layer_error(delta_w: torch.Tensor, H: torch.Tensor, *, float32: bool = False) -> float:
+    """tr(dW H dW^T): the layer's output error on the calibration data whose Gram matrix is H.
+
+    The one place this trace is computed (tests, :func:`epmq.quant.target.objective`, the quantizer's
+    diagnostics). By default in float64 (one ``einsum`` over float64 copies); ``float32=True`` is the
+    cheaper form the per-layer diagnostics log, ``((dW @ H) * dW).sum()`` with dW in float32 and ``H`` as
+    given (a float64 solve would cost as much as the quantization). The two forms round differently, so
+    each caller keeps the one its recorded numbers were made with."""
+    if float32:
+        dw = delta_w.float()
+        return float(((dw @ H) * dw).sum())
     dw = delta_w.double()
     return float(torch.einsum("ij,jk,ik->", dw, H.double(), dw))

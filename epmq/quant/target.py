@@ -34,6 +34,7 @@ import torch
 
 from epmq.errors import EPMQError, all_finite, check_finite
 from epmq.precision import STATS_DTYPES, add_gram
+from epmq.quant.result import layer_error
 
 TASK_WEIGHTINGS = ("none", "trace", "tokens")
 _SOLVE_FLOOR = 1e-8  # numerical ridge (relative to mean diag) when lam_w = 0 and H is singular
@@ -373,5 +374,4 @@ def epmq_target(
 def objective(Q: torch.Tensor, target: EPMQTarget | tuple) -> float:
     """E-PMQ objective up to its constant: tr((Q - W*) H (Q - W*)^T) (weights only)."""
     W_star, H = (target.W_star, target.H) if isinstance(target, EPMQTarget) else target
-    D = Q.double() - W_star.double()
-    return float(torch.einsum("ij,jk,ik->", D, H.double(), D))
+    return layer_error(Q.double() - W_star.double(), H)

@@ -42,7 +42,7 @@ def build_leaderboard(
     ``origin`` = ``quoted``, never in an Avg, mark, Δ or figure. None or ``{}``: the output has no trace of them.
     Returns ``{"csv": …, "md": …, "html": …, "figures/<name>.svg": …}`` (absolute-or-as-given paths).
     """
-    from epmq.report._io import write_text_atomic
+    from epmq.io import write_text_atomic
     from epmq.report.aggregate import collect
     from epmq.report.anchors import normalize_anchors
     from epmq.report.render import csv_text, html_page, markdown

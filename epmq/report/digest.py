@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from epmq.errors import EPMQError
+from epmq.io import read_safetensors_header
 
 #: keys dropped at any depth of a JSON record before hashing
 VOLATILE = frozenset({"seconds", "eval_seconds", "quantize_seconds", "peak_rss_mb", "gpu_mb", "cost", "provenance"})
@@ -38,14 +39,10 @@ def file_digest(path: Path) -> str:
             raise EPMQError(f"{path}: corrupt JSON ({err})") from None
         data = json.dumps(_strip(obj), sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(data).hexdigest()
-    h = hashlib.sha256()
+    header = read_safetensors_header(path)
+    h = hashlib.sha256(json.dumps(header.raw, sort_keys=True, separators=(",", ":")).encode())
     with open(path, "rb") as f:
-        try:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        except ValueError as err:
-            raise EPMQError(f"{path}: not a readable safetensors file ({err})") from None
-        h.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+        f.seek(header.data_start)
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

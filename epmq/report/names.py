@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import re
 
+from epmq.formatting import compact_json  # noqa: F401 (re-exported: render, runs)
+from epmq.formatting import display_value as fmt_value  # the report form (see epmq.formatting)
 from epmq.merge.registry import METHODS as _MERGES
 
 MODEL_ORDER = {"base": 0, "expert": 1, "merged": 2, "quantized": 3}
@@ -46,22 +47,6 @@ def method_rank(method: str) -> tuple:
     """Table order: RTN, GPTQ, E-PMQ, the ablations in their listed order, then unknown methods by name."""
     order = MAIN_METHODS + ABLATION_METHODS
     return (order.index(method), "") if method in order else (len(order), method)
-
-
-def compact_json(obj) -> str:
-    """Canonical compact JSON (sorted keys, no spaces): stable across runs and Python versions."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def fmt_value(v) -> str:
-    """A scalar as a short canonical string: 0.1 -> "0.1", 1e-5 -> "1e-05", True -> "true"."""
-    if isinstance(v, str):
-        return v
-    if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
-        return str(int(v))
-    if isinstance(v, (bool, int, float)) or v is None:
-        return json.dumps(v)
-    return compact_json(v)
 
 
 def variant_str(variant: dict | None) -> str:

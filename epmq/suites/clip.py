@@ -97,6 +97,7 @@ from pathlib import Path
 from epmq.errors import EPMQError
 from epmq.evaluate import accuracy_record
 from epmq.io import save_safetensors_atomic, write_json_atomic
+from epmq.io import stderr_isatty as _isatty
 from epmq.suites.base import Suite, parse_set_options
 from epmq.tasks.clip import TASKS_8, get_task
 
@@ -129,13 +130,6 @@ LAYOUTS = ("hf", "open_clip")
 SPLITS = ("test", "validation", "train")
 PROJECTION = "projection"  # heads/projection.safetensors
 _DATA_KEY = "epmq_data"
-
-
-def _isatty() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def _env_flag(name: str) -> bool:

@@ -82,7 +82,9 @@ from torch.nn import functional as F
 from epmq.errors import EPMQError
 from epmq.evaluate import accuracy_record
 from epmq.precision import autocast, linear_weights_in
+from epmq.io import load_safetensors as _load_safetensors
 from epmq.io import save_safetensors_atomic as _save_safetensors
+from epmq.io import stderr_isatty as _isatty
 from epmq.io import write_json_atomic
 from epmq.suites._splits import SPLITS, SplitCache, files_digest
 from epmq.suites.base import Suite, parse_set_options
@@ -170,21 +172,6 @@ class CosineHead(nn.Module):
 
     def forward(self, outputs, attention_mask):
         return self.scale * self.linear(self.embed(outputs, attention_mask))
-
-
-def _load_safetensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    if not Path(path).is_file():
-        raise EPMQError(f"{path}: no such safetensors file")
-    return load_file(str(path))
-
-
-def _isatty() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 class MiniLMSuite(Suite):

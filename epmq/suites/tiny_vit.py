@@ -79,7 +79,9 @@ from pathlib import Path
 
 from epmq.errors import EPMQError
 from epmq.evaluate import accuracy_record
+from epmq.io import load_safetensors as _load_safetensors
 from epmq.io import save_safetensors_atomic as _save_safetensors
+from epmq.io import stderr_isatty as _isatty
 from epmq.io import write_json_atomic
 from epmq.suites._splits import SplitCache
 from epmq.suites.base import Suite, parse_set_options
@@ -117,21 +119,6 @@ DATA_SIZES = {
 }
 FORMAT_VERSION = 1
 _MEAN, _STD = 0.5, 0.5
-
-
-def _load_safetensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise EPMQError(f"{path}: no such safetensors file")
-    return load_file(str(path))
-
-
-def _isatty() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def preprocess(images):
