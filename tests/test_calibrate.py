@@ -459,10 +459,24 @@ def test_shared_hessians_change_nothing(setting, method, monkeypatch):
     import epmq.quant.rounding as R
 
     name, merged, experts, calib, _ = setting
-    calls = []
+    calls, inside = [], []  # the quantizer's GPTQ calls (gptq_shared's own inner gptq call not counted)
     real_gptq, real_shared = R.gptq, R.gptq_shared
-    monkeypatch.setattr(R, "gptq", lambda *a, **k: calls.append(k.get("name")) or real_gptq(*a, **k))
-    monkeypatch.setattr(R, "gptq_shared", lambda *a, **k: calls.append(k.get("name")) or real_shared(*a, **k))
+
+    def counted_shared(*a, **k):
+        calls.append(k.get("name"))
+        inside.append(True)
+        try:
+            return real_shared(*a, **k)
+        finally:
+            inside.pop()
+
+    def counted_gptq(*a, **k):
+        if not inside:
+            calls.append(k.get("name"))
+        return real_gptq(*a, **k)
+
+    monkeypatch.setattr(R, "gptq", counted_gptq)
+    monkeypatch.setattr(R, "gptq_shared", counted_shared)
     out, n_calls = [], []
     for share in (True, False):
         monkeypatch.setattr(B, "SHARE_HESSIANS", share)
