@@ -196,7 +196,8 @@ def setup(args) -> tuple[nn.Module, list, list[list[torch.Tensor]]]:
 @torch.no_grad()
 def reference_gptq(model: nn.Module, calib, args, device) -> list[dict]:
     """The original GPTQ procedure (true-sequential), written out plainly; returns a log row per layer."""
-    from epmq.calibrate import _Capture, _capture_block_inputs, _link_mha_parents, _quad, _run_block
+    from epmq.calibrate import _Capture, _capture_block_inputs, _link_mha_parents, _run_block
+    from epmq.quant.methods.base import _quad
     from epmq.models.adapters import get_adapter
     from epmq.quant.rounding import gptq
 

@@ -46,9 +46,13 @@ def _sets(pairs) -> dict:
 
 
 def _checked_sets(args) -> dict:
-    """``--set`` knobs, ``--bits`` and ``--group-size`` checked as the config's are (one line naming the bad one)."""
+    """``--method``, ``--set`` knobs, ``--bits`` and ``--group-size`` checked as the config's are (one line naming
+    the bad one)."""
     from epmq.config import check_group_size, check_quant_knobs
+    from epmq.quant import METHODS
 
+    if args.method not in METHODS:
+        raise EPMQError(f"--method={args.method}: expected one of {list(METHODS)}")
     if not 2 <= args.bits <= 8:
         raise EPMQError(f"--bits={args.bits}: expected 2..8")
     check_group_size("--group-size", args.group_size)
@@ -334,6 +338,14 @@ def cmd_run(args, extra):
     os.execv(exe, cmd)
 
 
+def _quantizer_help() -> tuple[str, str]:
+    """``quantize``'s description and ``--method``'s help, from the quantizer registry (imports no torch)."""
+    from epmq.quant import METHODS
+
+    main = ", ".join(q.display for q in METHODS.values() if not q.ablation)
+    return f"quantize a merged model ({main}, ablations)", "one of " + ", ".join(METHODS)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="epmq", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -356,10 +368,10 @@ def main(argv=None) -> int:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--n", type=int, help="examples per task (default: the config's)")
     sp.add_argument("--out")
-    sp = add("quantize", "quantize a merged model (RTN, GPTQ, E-PMQ, ablations)")
+    quantize_help, method_help = _quantizer_help()
+    sp = add("quantize", quantize_help)
     sp.add_argument("--merge", required=True)
-    sp.add_argument("--method", required=True, help="rtn, gptq, epmq, epmq_unrounded, gptq_corrected, "
-                                                     "gptq_epmq_hessian")
+    sp.add_argument("--method", required=True, help=method_help)
     sp.add_argument("--bits", type=int, required=True)
     sp.add_argument("--group-size", type=int, default=-1)
     sp.add_argument("--seed", type=int, default=0, help="calibration seed")
@@ -371,7 +383,7 @@ def main(argv=None) -> int:
                     "reload with epmq.quant.packed.load_quantized)")
     sp = add("export", "quantize one cell and write a folder other tools load (gptq, compressed-tensors, epmq)")
     sp.add_argument("--merge", required=True)
-    sp.add_argument("--method", required=True)
+    sp.add_argument("--method", required=True, help=method_help)
     sp.add_argument("--bits", type=int, required=True)
     sp.add_argument("--group-size", type=int, default=-1)
     sp.add_argument("--seed", type=int, default=0, help="calibration seed")

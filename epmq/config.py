@@ -29,22 +29,13 @@ from epmq.identity import Base, Calib, Expert, Merged, Model, QuantRun, fmt_valu
 #: come from the grid itself).
 QUANT_KNOBS = ("sym", "act_order", "static_groups", "damp", "block_size", "alpha", "lam_out", "lam_w",
                "task_weighting", "fit_bias", "propagation", "forward_dtype", "act_dtype", "stats_dtype")
-#: which knobs each kind of method reads (everything else is ignored by it)
-GRID_KNOBS = ("sym",)
-CALIBRATION_KNOBS = ("act_order", "static_groups", "damp", "block_size", "propagation", "forward_dtype",
-                     "act_dtype", "stats_dtype")
-EXPERT_KNOBS = ("alpha", "lam_out", "lam_w", "task_weighting", "fit_bias")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def relevant_knobs(method) -> tuple[str, ...]:
-    """The knobs of :data:`QUANT_KNOBS` a :class:`epmq.quant.QuantMethod` reads."""
-    out = GRID_KNOBS
-    if method.needs_calibration:
-        out += CALIBRATION_KNOBS
-    if method.needs_experts:
-        out += EXPERT_KNOBS
-    return out
+    """The knobs of :data:`QUANT_KNOBS` a quantizer (:class:`epmq.quant.Quantizer`) reads: its own
+    :attr:`~epmq.quant.Quantizer.knobs` (everything else is ignored by it)."""
+    return method.knobs
 
 
 def _check_id(kind: str, name: str) -> str:

@@ -455,16 +455,31 @@ def test_reuse_tracks_writes_shared_modules_and_in_place_ops():
 def test_shared_hessians_change_nothing(setting, method, monkeypatch):
     """q/k/v (same input, same Hessian) rounded in one stacked GPTQ call give the codes of separate calls
     (up to float rounding in the lazy block update) and fewer GPTQ calls when the model has such sites."""
-    import epmq.calibrate as C
+    import epmq.quant.methods.base as B
+    import epmq.quant.rounding as R
 
     name, merged, experts, calib, _ = setting
-    calls = []
-    real_gptq, real_shared = C.gptq, C.gptq_shared
-    monkeypatch.setattr(C, "gptq", lambda *a, **k: calls.append(k.get("name")) or real_gptq(*a, **k))
-    monkeypatch.setattr(C, "gptq_shared", lambda *a, **k: calls.append(k.get("name")) or real_shared(*a, **k))
+    calls, inside = [], []  # the quantizer's GPTQ calls (gptq_shared's own inner gptq call not counted)
+    real_gptq, real_shared = R.gptq, R.gptq_shared
+
+    def counted_shared(*a, **k):
+        calls.append(k.get("name"))
+        inside.append(True)
+        try:
+            return real_shared(*a, **k)
+        finally:
+            inside.pop()
+
+    def counted_gptq(*a, **k):
+        if not inside:
+            calls.append(k.get("name"))
+        return real_gptq(*a, **k)
+
+    monkeypatch.setattr(R, "gptq", counted_gptq)
+    monkeypatch.setattr(R, "gptq_shared", counted_shared)
     out, n_calls = [], []
     for share in (True, False):
-        monkeypatch.setattr(C, "SHARE_HESSIANS", share)
+        monkeypatch.setattr(B, "SHARE_HESSIANS", share)
         calls.clear()
         model = copy.deepcopy(merged)
         out.append(quantize_model(model, calib, QuantConfig(method=method, bits=3), experts=experts, progress=False))

@@ -1,6 +1,7 @@
 """Quantizers: the grid, RTN, GPTQ, the E-PMQ target solver, and the method registry.
 
-Every method in :data:`METHODS` is one choice of (target, Hessian, rounding) per Linear layer:
+Every method in :data:`METHODS` (:mod:`epmq.quant.methods`: one file per method, each one
+:class:`~epmq.quant.methods.base.Quantizer` object) is one choice of (target, Hessian, rounding) per Linear layer:
 
 ========================  ===============  =====================  ========
 method                    target           Hessian                rounding
@@ -21,56 +22,9 @@ then runs plain GPTQ, and ``gptq_epmq_hessian`` uses E-PMQ's task-balanced Hessi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from epmq.quant.methods import METHODS, QuantMethod, Quantizer
 
-__all__ = ["METHODS", "QuantMethod", "gptq", "rtn", "epmq_target", "TaskStats", "QuantResult"]
-
-
-@dataclass(frozen=True)
-class QuantMethod:
-    name: str
-    target: str  # "merged" | "epmq"
-    hessian: str | None  # "pooled" | "epmq" | None
-    rounding: str | None  # "rtn" | "gptq" | None
-    description: str
-    paper: str = ""
-    ablation: bool = False
-
-    @property
-    def needs_experts(self) -> bool:
-        return self.target == "epmq" or self.hessian == "epmq"
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.hessian is not None or self.target == "epmq"
-
-
-_GPTQ = "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers, arXiv:2210.17323"
-_EPMQ = "Expert-guided post-merge quantization (E-PMQ), arXiv:2605.16882"
-
-METHODS: dict[str, QuantMethod] = {
-    m.name: m
-    for m in [
-        QuantMethod("rtn", "merged", None, "rtn", "round-to-nearest on the min/max grid"),
-        QuantMethod("gptq", "merged", "pooled", "gptq", "GPTQ on the merged weights, pooled calibration", _GPTQ),
-        QuantMethod("epmq", "epmq", "epmq", "gptq", "E-PMQ: GPTQ rounding of the expert-guided target", _EPMQ),
-        QuantMethod(
-            "epmq_unrounded", "epmq", None, None, "ablation: E-PMQ target W*, not rounded", _EPMQ, ablation=True
-        ),
-        QuantMethod(
-            "gptq_corrected", "epmq", "pooled", "gptq", "ablation: W* then plain GPTQ", _EPMQ, ablation=True
-        ),
-        QuantMethod(
-            "gptq_epmq_hessian",
-            "merged",
-            "epmq",
-            "gptq",
-            "ablation: GPTQ with E-PMQ's Hessian, merged target",
-            _EPMQ,
-            ablation=True,
-        ),
-    ]
-}
+__all__ = ["METHODS", "QuantMethod", "Quantizer", "gptq", "rtn", "epmq_target", "TaskStats", "QuantResult"]
 
 
 _LAZY = {

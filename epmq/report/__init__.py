@@ -19,10 +19,18 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from epmq.errors import EPMQError
-from epmq.report.names import MERGE_NAMES, METHOD_NAMES
+from epmq.report.names import MERGE_NAMES
 from epmq.report.runs import check_unique, load_runs, normalize_run, read_benchmark
 
 __all__ = ["METHOD_NAMES", "MERGE_NAMES", "build_leaderboard", "load_runs", "read_benchmark"]
+
+
+def __getattr__(name):
+    if name == "METHOD_NAMES":  # the quantizers' display names, read from the registry when asked for
+        from epmq.report.names import method_names
+
+        return method_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_leaderboard(

@@ -8,9 +8,11 @@ import math
 
 from epmq.report.aggregate import Agg, SuiteData
 from epmq.report.names import (
+    baseline_method,
     bits_label,
     group_size_key,
     merge_label,
+    method_colour,
     method_name,
     method_rank,
     none_first,
@@ -26,21 +28,15 @@ _RC = {
     "axes.titlesize": 9,
     "path.simplify": False,
 }
-_METHOD_COLORS = {
-    "rtn": "#7f7f7f",
-    "gptq": "#1f77b4",
-    "epmq": "#d62728",
-    "epmq_unrounded": "#ff7f0e",
-    "gptq_corrected": "#9467bd",
-    "gptq_epmq_hessian": "#2ca02c",
-}
 _OTHER_COLORS = ("#8c564b", "#e377c2", "#bcbd22", "#17becf", "#393b79", "#637939")
 _BITS_COLORS = {2: "#d62728", 3: "#ff7f0e", 4: "#1f77b4", 8: "#2ca02c"}
 
 
 def _method_color(method: str, others: list) -> str:
-    if method in _METHOD_COLORS:
-        return _METHOD_COLORS[method]
+    """A registered quantizer's own colour (:attr:`epmq.quant.Quantizer.colour`), else one of the others'."""
+    own = method_colour(method)
+    if own is not None:
+        return own
     return _OTHER_COLORS[others.index(method) % len(_OTHER_COLORS)]
 
 
@@ -91,7 +87,7 @@ def accuracy_vs_bits(sd: SuiteData) -> str | None:
     if not mks:
         return None
     xpos = {b: i for i, b in enumerate(bits_all)}
-    others = sorted({k[1] for k in defaults if k[1] not in _METHOD_COLORS})
+    others = sorted({k[1] for k in defaults if method_colour(k[1]) is None})
     fig = _new_figure(max(3.8 * len(mks), 6.0), 3.9)
     axes = fig.subplots(1, len(mks), sharey=True, squeeze=False)[0]
     for ax, mk in zip(axes, mks):
@@ -203,7 +199,8 @@ def _numeric(v) -> bool:
 
 
 def anchor_sweep(sd: SuiteData) -> str | None:
-    """Avg vs each swept value (single-key numeric variants), one line per bit width; GPTQ as a dashed level."""
+    """Avg vs each swept value (single-key numeric variants), one line per bit width; the baseline (GPTQ) as a
+    dashed level."""
     facets: dict = {}  # (mk, method, key) -> {(bits, gs): [(x, agg, is_default)]}
     for mk, bits, gs, method, variants in sweep_clusters(sd):
         for v in variants:
@@ -225,6 +222,8 @@ def anchor_sweep(sd: SuiteData) -> str | None:
             if qk in sd.quant and _numeric(dv):
                 pts.append((float(dv), sd.quant[qk], True))
     keys = sorted(facets, key=lambda f: (f[0], method_rank(f[1]), f[2]))
+    base = baseline_method()  # GPTQ: drawn as a dashed level in every facet
+    base_label = method_name(base)
     ncol = min(3, len(keys))
     nrow = math.ceil(len(keys) / ncol)
     fig = _new_figure(max(3.8 * ncol, 6.0), 3.1 * nrow + 0.8)
@@ -256,9 +255,9 @@ def anchor_sweep(sd: SuiteData) -> str | None:
             dflt = sd.quant.get((mk, method, bits, gs, ""))
             if dflt is not None and dflt.avg.mean is not None and not any(d for _, _, d in pts):
                 ax.axhline(dflt.avg.mean, color=color, ls=":", lw=1.0, label=f"{method_name(method)} default, {blabel}")
-            gptq = sd.quant.get((mk, "gptq", bits, gs, ""))
-            if method != "gptq" and gptq is not None and gptq.avg.mean is not None:
-                ax.axhline(gptq.avg.mean, color=color, ls="--", lw=1.0, alpha=0.8, label=f"GPTQ, {blabel}")
+            ref = sd.quant.get((mk, base, bits, gs, ""))
+            if method != base and ref is not None and ref.avg.mean is not None:
+                ax.axhline(ref.avg.mean, color=color, ls="--", lw=1.0, alpha=0.8, label=f"{base_label}, {blabel}")
         if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 10:
             ax.set_xscale("log")
         ax.set_xlabel(key)
@@ -268,7 +267,9 @@ def anchor_sweep(sd: SuiteData) -> str | None:
         )
         ax.grid(True, color="#e0e0e0", lw=0.6)
     _legend(
-        fig, axes[: len(keys)], rank=lambda lab: 2 if lab == "default setting" else 1 if lab.startswith("GPTQ, ") else 0
+        fig,
+        axes[: len(keys)],
+        rank=lambda lab: 2 if lab == "default setting" else 1 if lab.startswith(f"{base_label}, ") else 0,
     )
     fig.suptitle(f"{sd.suite}: hyperparameter sweep (error bars: std over seeds)")
     return _svg(fig)

@@ -1,4 +1,8 @@
-"""Display names, fixed orders and canonical strings shared by the tables, the CSV and the figures."""
+"""Display names, fixed orders and canonical strings shared by the tables, the CSV and the figures.
+
+A quantization method's label, table order, colour, whether it is ranked and which methods are the Δ baseline
+and the headline all come from the quantizer registry (:data:`epmq.quant.METHODS`), read at call time: a
+quantizer added there is shown without a change here."""
 
 from __future__ import annotations
 
@@ -10,20 +14,71 @@ from epmq.merge.registry import METHODS as _MERGES
 
 MODEL_ORDER = {"base": 0, "expert": 1, "merged": 2, "quantized": 3}
 
-#: Display names of the quantization methods (unknown names are shown as they are).
-METHOD_NAMES = {
-    "rtn": "RTN",
-    "gptq": "GPTQ",
-    "epmq": "E-PMQ",
-    "epmq_unrounded": "E-PMQ target, unrounded",
-    "gptq_corrected": "GPTQ on E-PMQ-corrected model",
-    "gptq_epmq_hessian": "GPTQ, E-PMQ Hessian, merged target",
+
+def _registry() -> dict:
+    from epmq.quant.methods import METHODS
+
+    return METHODS
+
+
+def quantizers() -> list:
+    """The registered quantizers in table order."""
+    return sorted(_registry().values(), key=lambda q: q.order)
+
+
+def method_names() -> dict:
+    """Display names of the quantization methods (unknown names are shown as they are)."""
+    return {q.name: q.display for q in quantizers()}
+
+
+def main_methods() -> tuple:
+    """The headline methods (not ablations), in table order: every bit-width block shows them."""
+    return tuple(q.name for q in quantizers() if not q.ablation)
+
+
+def ablation_methods() -> tuple:
+    """The ablations of METHOD.md section 5, in table order: shown where they were run."""
+    return tuple(q.name for q in quantizers() if q.ablation)
+
+
+def unranked_methods() -> frozenset:
+    """Methods whose rows are not quantized models: never ranked as "best quantized"."""
+    return frozenset(q.name for q in quantizers() if not q.ranked)
+
+
+def _flagged(flag: str) -> str | None:
+    return next((q.name for q in quantizers() if getattr(q, flag)), None)
+
+
+def baseline_method() -> str | None:
+    """The reference of every Δ column (GPTQ), None when no quantizer is marked ``baseline``."""
+    return _flagged("baseline")
+
+
+def headline_method() -> str | None:
+    """The method whose Δ against the baseline the pivot table shows (E-PMQ)."""
+    return _flagged("headline")
+
+
+def method_colour(method: str) -> str | None:
+    """A registered method's figure colour (None: unknown or none given)."""
+    q = _registry().get(method)
+    return q.colour if q is not None and q.colour else None
+
+
+_COMPAT = {  # the constants of earlier versions, now read from the registry when asked for
+    "METHOD_NAMES": method_names,
+    "MAIN_METHODS": main_methods,
+    "ABLATION_METHODS": ablation_methods,
+    "UNRANKED_METHODS": unranked_methods,
 }
-#: The three headline methods, in table order, then the ablations of METHOD.md section 5, in table order.
-MAIN_METHODS = ("rtn", "gptq", "epmq")
-ABLATION_METHODS = ("epmq_unrounded", "gptq_corrected", "gptq_epmq_hessian")
-#: Not a quantized model (no rounding): never ranked as "best quantized".
-UNRANKED_METHODS = frozenset({"epmq_unrounded"})
+
+
+def __getattr__(name):
+    if name in _COMPAT:
+        return _COMPAT[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: Display names of the merge methods (unknown names are shown as they are).
 MERGE_NAMES = {name: m.label for name, m in _MERGES.items()}
@@ -36,7 +91,10 @@ DASH = "\u2013"  # the "no data" mark
 
 
 def method_name(method: str | None) -> str:
-    return DASH if method is None else METHOD_NAMES.get(method, method)
+    if method is None:
+        return DASH
+    q = _registry().get(method)
+    return method if q is None else q.display
 
 
 def merge_name(merge: str | None) -> str:
@@ -44,8 +102,9 @@ def merge_name(merge: str | None) -> str:
 
 
 def method_rank(method: str) -> tuple:
-    """Table order: RTN, GPTQ, E-PMQ, the ablations in their listed order, then unknown methods by name."""
-    order = MAIN_METHODS + ABLATION_METHODS
+    """Table order: the registered quantizers by their ``order`` (RTN, GPTQ, E-PMQ, the ablations), then
+    unknown methods by name."""
+    order = [q.name for q in quantizers()]
     return (order.index(method), "") if method in order else (len(order), method)
 
 

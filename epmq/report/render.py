@@ -9,7 +9,7 @@ import re
 
 from epmq.report.aggregate import SuiteData, run_sort_key
 from epmq.report.anchors import QUOTED_HEADING, quoted_csv_rows, quoted_table
-from epmq.report.names import compact_json, variant_str
+from epmq.report.names import baseline_method, compact_json, method_name, variant_str
 from epmq.report.tables import (
     Table,
     cost_table,
@@ -155,16 +155,21 @@ def _suite_tables(sd: SuiteData, quoted: list | None = None) -> list[tuple]:
     return out
 
 
-_SECTION_NOTES = {
+_SECTION_NOTES = {  # {base}: the baseline quantizer's label (GPTQ)
     "Hyperparameter sweeps": "Avg (mean ± std over seeds, se) at each sweep point, next to the method's default "
-    "setting and GPTQ in the same block; Δ in accuracy points. A point run on fewer seeds (its label says how many) "
+    "setting and {base} in the same block; Δ in accuracy points. A point run on fewer seeds (its label says how many) "
     "is compared seed by seed with the runs on those seeds.",
     "Cost": "Medians over all merge methods, bit widths and seeds (default settings) of the quantize job's wall time "
-    "and peak resident memory (Snakemake benchmark files where given), and the ratio to GPTQ's median.",
+    "and peak resident memory (Snakemake benchmark files where given), and the ratio to {base}'s median.",
     QUOTED_HEADING: "Published numbers, copied as given with their source; not produced by this workflow (their "
     "models, test sets, prompts and evaluation code may differ from ours), so they are context only and enter no Avg, "
     "mark, Δ or figure above. Avg is the source's own mean accuracy (%) over its tasks.",
 }
+
+
+def _section_note(name: str) -> str | None:
+    note = _SECTION_NOTES.get(name)
+    return None if note is None else note.replace("{base}", method_name(baseline_method()))
 
 
 def markdown(
@@ -183,8 +188,9 @@ def markdown(
         out += ["", f"## {sd.suite}", "", suite_summary(sd)]
         for name, table in _suite_tables(sd, anchors.get(sd.suite)):
             out += ["", f"### {name}", ""]
-            if name in _SECTION_NOTES:
-                out += [_SECTION_NOTES[name], ""]
+            note = _section_note(name)
+            if note is not None:
+                out += [note, ""]
             out.append(md_table(table))
         figs = figure_paths.get(sd.suite, [])
         if figs:
@@ -295,8 +301,9 @@ def html_page(
         out += [f"<h2>{html.escape(sd.suite)}</h2>", f"<p>{html.escape(suite_summary(sd))}</p>"]
         for name, table in _suite_tables(sd, anchors.get(sd.suite)):
             out.append(f"<h3>{html.escape(name)}</h3>")
-            if name in _SECTION_NOTES:
-                out.append(f"<p>{html.escape(_SECTION_NOTES[name])}</p>")
+            note = _section_note(name)
+            if note is not None:
+                out.append(f"<p>{html.escape(note)}</p>")
             out.append(html_table(table))
         figs = figures.get(sd.suite, [])
         if figs:

@@ -8,23 +8,39 @@ from dataclasses import dataclass, field
 
 from epmq.report.aggregate import EMPTY, Agg, Stat, SuiteData
 from epmq.report.names import (
-    ABLATION_METHODS,
     DASH,
-    MAIN_METHODS,
-    METHOD_NAMES,
     MINUS,
-    UNRANKED_METHODS,
+    ablation_methods,
+    baseline_method,
     bits_label,
     fmt_value,
     group_size_key,
+    headline_method,
+    main_methods,
     merge_label,
     method_name,
     method_rank,
     none_first,
+    unranked_methods,
 )
 
 BEST_MARK = "\u2020"  # †
-DELTA_HEADER = f"Δ(E-PMQ {MINUS} GPTQ)"
+
+
+def delta_header() -> str:
+    """The pivot's last column: the headline method minus the baseline, "Δ(E-PMQ − GPTQ)"."""
+    return f"Δ({method_name(headline_method())} {MINUS} {method_name(baseline_method())})"
+
+
+def _vs_baseline(what: str) -> str:
+    """A column comparing with the baseline: "Δ vs GPTQ", "Time vs GPTQ"."""
+    return f"{what} vs {method_name(baseline_method())}"
+
+
+def __getattr__(name):
+    if name == "DELTA_HEADER":  # the constant of earlier versions, now built from the registry's labels
+        return delta_header()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -107,7 +123,7 @@ def _seed_note(agg: Agg | None, max_seeds: int) -> str:
 def pivot_table(sd: SuiteData) -> Table:
     """Reference rows, then per merge setting, bit width and group size: RTN, GPTQ, E-PMQ and the ablations."""
     tasks = sd.tasks
-    t = Table(["Method", "Merge", "Bits", *tasks, "Avg", DELTA_HEADER])
+    t = Table(["Method", "Merge", "Bits", *tasks, "Avg", delta_header()])
     t.add([Cell("Base (zero-shot)"), Cell(), Cell("FP"), *_task_cells(sd.base, tasks), Cell("")], "ref")
     t.add(
         [Cell("Experts (each on its own task)"), Cell(), Cell("FP"), *_task_cells(sd.experts, tasks), Cell("")], "ref"
@@ -118,6 +134,7 @@ def pivot_table(sd: SuiteData) -> Table:
 
     defaults = sd.quant_keys(default=True)
     max_seeds = max((len(sd.quant[k].seeds) for k in defaults), default=0)
+    main, unranked, base, head = main_methods(), unranked_methods(), baseline_method(), headline_method()
     for mk in sd.merge_keys:
         mlabel = merge_label(mk[0], sd.merge_params[mk], with_params=sd.show_params(mk[0]))
         blocks = sorted(
@@ -126,21 +143,21 @@ def pivot_table(sd: SuiteData) -> Table:
         for bits, gs in blocks:
             present = sorted({k[1] for k in defaults if k[0] == mk and k[2] == bits and k[3] == gs}, key=method_rank)
             # a bit width always shows the three headline methods ("–" if absent); ablations only when present
-            methods = [*MAIN_METHODS, *(m for m in present if m not in MAIN_METHODS)] if bits is not None else present
+            methods = [*main, *(m for m in present if m not in main)] if bits is not None else present
             aggs = {m: sd.quant.get((mk, m, bits, gs, "")) for m in methods}
             ranked = [
                 aggs[m].avg.mean
                 for m in methods
-                if m not in UNRANKED_METHODS and aggs[m] and aggs[m].avg.mean is not None
+                if m not in unranked and aggs[m] and aggs[m].avg.mean is not None
             ]
             best = max(map(_rounded, ranked)) if ranked else None
             for i, m in enumerate(methods):
                 agg = aggs[m]
                 cells = [Cell(method_name(m) + _seed_note(agg, max_seeds)), Cell(mlabel), Cell(bits_label(bits, gs))]
                 cells += _task_cells(agg, tasks)
-                if agg and best is not None and m not in UNRANKED_METHODS and agg.avg.mean is not None:
+                if agg and best is not None and m not in unranked and agg.avg.mean is not None:
                     cells[-1].best = _rounded(agg.avg.mean) == best
-                d = fmt_delta(delta(agg, aggs.get("gptq"))) if m == "epmq" else ""
+                d = fmt_delta(delta(agg, aggs.get(base))) if m == head else ""
                 cells.append(Cell(d, num=True))
                 t.add(cells, "block" if i == 0 else "")
     return t
@@ -176,22 +193,23 @@ def sweep_table(sd: SuiteData) -> Table | None:
     clusters = sweep_clusters(sd)
     if not clusters:
         return None
-    t = Table(["Merge", "Bits", "Method", "Setting", "Avg", "Δ vs default", "Δ vs GPTQ"])
+    base = baseline_method()
+    t = Table(["Merge", "Bits", "Method", "Setting", "Avg", "Δ vs default", _vs_baseline("Δ")])
     for mk, bits, gs, m, variants in clusters:
         mlabel = merge_label(mk[0], sd.merge_params[mk], with_params=sd.show_params(mk[0]))
         blabel = bits_label(bits, gs)
-        gptq = sd.quant.get((mk, "gptq", bits, gs, ""))
+        ref = sd.quant.get((mk, base, bits, gs, ""))
         dflt = sd.quant.get((mk, m, bits, gs, ""))
         keys = {k for v in variants for k in sd.variants[v]}
         first = "block"
-        if m != "gptq":
+        if m != base:
             t.add(
                 [
                     Cell(mlabel),
                     Cell(blabel),
-                    Cell(method_name("gptq")),
+                    Cell(method_name(base)),
                     Cell("default"),
-                    stat_cell(gptq.avg if gptq else EMPTY),
+                    stat_cell(ref.avg if ref else EMPTY),
                     Cell("", num=True),
                     Cell("", num=True),
                 ],
@@ -206,7 +224,7 @@ def sweep_table(sd: SuiteData) -> Table | None:
                 Cell(default_setting(sd, (mk, m, bits, gs, ""), keys)),
                 stat_cell(dflt.avg if dflt else EMPTY),
                 Cell("", num=True),
-                Cell(fmt_delta(delta(dflt, gptq)) if m != "gptq" else "", num=True),
+                Cell(fmt_delta(delta(dflt, ref)) if m != base else "", num=True),
             ],
             first,
         )
@@ -220,7 +238,7 @@ def sweep_table(sd: SuiteData) -> Table | None:
                     Cell(v.replace(",", ", ") + _seed_note(agg, len(dflt.seeds) if dflt else 0)),
                     stat_cell(agg.avg),
                     Cell(fmt_delta(paired_delta(agg, dflt)), num=True),
-                    Cell(fmt_delta(paired_delta(agg, gptq)), num=True),
+                    Cell(fmt_delta(paired_delta(agg, ref)), num=True),
                 ]
             )
     return t
@@ -232,7 +250,8 @@ def _median(xs):
 
 
 def cost_table(sd: SuiteData) -> Table | None:
-    """Median quantize time, peak RSS and GPU memory per method (default settings), and the ratios to GPTQ."""
+    """Median quantize time, peak RSS and GPU memory per method (default settings), and the ratios to the
+    baseline's (GPTQ)."""
     runs = [r for r in sd.runs if r["model"] == "quantized" and not r["variant"]]
     if not runs:
         return None
@@ -244,7 +263,7 @@ def cost_table(sd: SuiteData) -> Table | None:
         }
         for m in methods
     }
-    g = med.get("gptq", {})
+    g = med.get(baseline_method(), {})
 
     def ratio(m, k):
         a, b = med[m][k], g.get(k)
@@ -258,9 +277,9 @@ def cost_table(sd: SuiteData) -> Table | None:
             "Method",
             "Runs",
             "Quantize time, median (s)",
-            "Time vs GPTQ",
+            _vs_baseline("Time"),
             "Peak RSS, median (MB)",
-            "RSS vs GPTQ",
+            _vs_baseline("RSS"),
             "GPU memory, median (MB)",
         ]
     )
@@ -302,9 +321,22 @@ def _meta_value(v) -> str:
     return fmt_value(v)
 
 
+def _unranked_note() -> str:
+    """The Marks line's last sentence: which rows are never marked (they are not quantized models)."""
+    names = [f"*{method_name(m)}*" for m in sorted(unranked_methods(), key=method_rank)]
+    if not names:
+        return ""
+    if len(names) == 1:
+        return f" {names[0]} is not a quantized model and is never marked."
+    return f" {', '.join(names[:-1])} and {names[-1]} are not quantized models and are never marked."
+
+
 def methodology(runs: list[dict], *, quoted: bool = False) -> list[tuple]:
     """The fixed explanation of the numbers: [(label, text)] (with ``quoted``: how quoted numbers are shown)."""
-    ablations = "; ".join(f"*{METHOD_NAMES[m]}*" for m in ABLATION_METHODS)
+    ablations = "; ".join(f"*{method_name(m)}*" for m in ablation_methods())
+    head, base = method_name(headline_method()), method_name(baseline_method())
+    main = [method_name(m) for m in main_methods()]
+    main = ", ".join(main[:-1]) + " and " + main[-1] if len(main) > 1 else "".join(main)
     extra = []
     if quoted:
         extra.append(
@@ -339,19 +371,18 @@ def methodology(runs: list[dict], *, quoted: bool = False) -> list[tuple]:
         (
             "Marks",
             f"every Avg is bold; {BEST_MARK} marks the best Avg (at the displayed precision, ties all marked) "
-            "among the quantized rows of one (merge, bits, group size) block. "
-            f"*{METHOD_NAMES['epmq_unrounded']}* is not a quantized model and is never marked.",
+            "among the quantized rows of one (merge, bits, group size) block." + _unranked_note(),
         ),
         (
-            "Δ(E-PMQ − GPTQ)",
-            "mean Avg of E-PMQ minus mean Avg of GPTQ in the same block, in accuracy points "
-            "(negative when E-PMQ loses).",
+            delta_header(),
+            f"mean Avg of {head} minus mean Avg of {base} in the same block, in accuracy points "
+            f"(negative when {head} loses).",
         ),
         (
             "Rows",
             "reference rows first: the base model zero-shot, each expert on its own task (the diagonal), "
             "the full-precision merged model per merge method with its chosen hyperparameters; then per merge "
-            'method, bit width and group size RTN, GPTQ and E-PMQ at their default settings ("–" = not run) '
+            f'method, bit width and group size {main} at their default settings ("–" = not run) '
             f"and the ablations present: {ablations}. Bits `4` = one scale per output row, `4 · g64` = groups "
             "of 64 input columns; `(2 seeds)` after a method = fewer seeds than the other rows. "
             "Hyperparameter sweep points are in their own table.",
