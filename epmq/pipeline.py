@@ -122,6 +122,17 @@ class job(log_to):
         return super().__enter__()
 
 
+def packed_mb(model, results) -> float:
+    """MB on disk of ``model``'s packed low-bit checkpoint (``epmq quantize --packed``: weights + config), written
+    to a temp folder and measured; within fp16 scale rounding the size of the GPTQ export too."""
+    import tempfile
+
+    from epmq.quant.packed import save_quantized
+
+    with tempfile.TemporaryDirectory(prefix="epmq-packed-") as tmp:
+        return save_quantized(model, results, Path(tmp) / "packed", verify=False)["total_bytes"] / 2**20
+
+
 def _isatty() -> bool:
     return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
 
@@ -399,6 +410,8 @@ def quantize(spec: dict, merged, calib, qcfg: dict, out, *, seed: int | None = N
         "device": str(dev), "layers": len(rep.layers),
         "quantized": sorted(rep.results),
     }
+    if rep.results:  # what shipping this cell costs on disk: the packed checkpoint, written and measured
+        record["cost"]["packed_mb"] = packed_mb(model.to("cpu"), rep.results)
     out = Path(out)
     if save_weights:
         save_safetensors_atomic(out, sd)
