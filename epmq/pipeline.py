@@ -130,6 +130,17 @@ class job(log_to):
         return super().__enter__()
 
 
+def packed_mb(model, results) -> float:
+    """MB on disk of ``model``'s packed low-bit checkpoint (``epmq quantize --packed``: weights + config), written
+    to a temp folder and measured; within fp16 scale rounding the size of the GPTQ export too."""
+    import tempfile
+
+    from epmq.quant.packed import save_quantized
+
+    with tempfile.TemporaryDirectory(prefix="epmq-packed-") as tmp:
+        return save_quantized(model, results, Path(tmp) / "packed", verify=False)["total_bytes"] / 2**20
+
+
 def _read_json(path) -> dict:
     try:
         return json.loads(Path(path).read_text())
@@ -435,6 +446,8 @@ def quantize(spec: dict, run: QuantRun, qcfg: dict, files: QuantizeFiles,
         "device": str(dev), "layers": len(rep.layers),
         "quantized": sorted(rep.results),
     }
+    if rep.results:  # what shipping this cell costs on disk: the packed checkpoint, written and measured
+        record["cost"]["packed_mb"] = packed_mb(model.to("cpu"), rep.results)
     out = Path(files.out)
     if options.save_weights:
         save_safetensors_atomic(out, sd)

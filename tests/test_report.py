@@ -73,6 +73,7 @@ def make_run(
     quant_params=None,
     seconds=None,
     group_size=None,
+    packed_mb=None,
 ):
     return {
         "schema": 1,
@@ -90,7 +91,7 @@ def make_run(
         "n_calib": 128 if seed is not None else None,
         "split": "test",
         "tasks": {t: rec(t, a) for t, a in accs.items()},
-        "cost": {"quantize_seconds": seconds, "peak_rss_mb": None, "gpu_mb": None},
+        "cost": {"quantize_seconds": seconds, "peak_rss_mb": None, "gpu_mb": None, "packed_mb": packed_mb},
         "provenance": dict(PROV),
     }
 
@@ -125,6 +126,7 @@ def synthetic_runs() -> list[dict]:
                             seed=s,
                             quant_params=qp,
                             seconds=10.0 + s + (4 if method == "epmq" else 0),
+                            packed_mb=0.125 * bits + 0.0625,  # what the bit width makes it, for every method
                         )
                     )
     for s in SEEDS:  # one ablation row
@@ -440,6 +442,10 @@ def test_md_header_sweeps_cost_and_missing(data):
     cost = {r[0]: dict(zip(md_section(md, SUITE, "Cost")[0], r)) for r in md_section(md, SUITE, "Cost")[2:]}
     assert cost["GPTQ"]["Quantize time, median (s)"] == "11.0" and cost["E-PMQ"]["Quantize time, median (s)"] == "15.0"
     assert cost["E-PMQ"]["Time vs GPTQ"] == f"{15 / 11:.2f}×" and cost["RTN"]["Quantize time, median (s)"] == "–"
+    bits = sorted({r["bits"] for r in data["runs"] if r["model"] == "quantized" and r["suite"] == SUITE})
+    header = f"Packed MB ({' / '.join(map(str, bits))} bits)"
+    assert cost["GPTQ"][header] == " / ".join(f"{0.125 * b + 0.0625:.2g}" for b in bits)
+    assert cost["RTN"][header] == "–"  # its runs carry no size
     # second suite: a quantized run lacking a task gets "–" there and no Avg; absent methods are "–"
     other = md_section(md, "minilm/v2", "Leaderboard")
     rtn = find_row(other, "RTN", "Task Arithmetic", "3")
@@ -587,7 +593,7 @@ def test_quoted_numbers_shown_labelled_with_their_source(quoted):
     assert "<td>E-PMQ paper</td><td>GPTQ 4-bit on TIES</td>" in qt and f"<td>{FB}</td>" in qt
     assert "<strong>" not in qt and 'class="mark"' not in qt
     rows = list(csv.DictReader(quoted["out"]["csv"].open()))
-    assert list(rows[0]) == [*OLD_CSV_COLUMNS, "origin", "quoted_label", "quoted_source"]
+    assert list(rows[0]) == [*OLD_CSV_COLUMNS, "origin", "quoted_label", "quoted_source", "packed_mb"]
     q = [r for r in rows if r["origin"] == "quoted"]
     assert rows[len(rows) - len(q) :] == q  # after our rows of that suite (the last suite)
     assert [(r["quoted_label"], r["model"], r["merge"], r["method"], r["bits"], r["task"], r["metric"], r["value"])
@@ -628,10 +634,10 @@ def test_no_anchors_output_unchanged_but_for_the_origin_columns(data, tmp_path):
             assert again[key].read_bytes() == path.read_bytes(), (anchors, key)
     text = data["out"]["csv"].read_text(encoding="utf-8")
     assert "Quoted" not in data["md"] and "quoted" not in data["out"]["html"].read_text(encoding="utf-8")
-    # the only CSV change: three trailing columns, `ours` and two empty cells on every row
+    # the only CSV changes: trailing columns, `ours` and two empty cells on every row, then the packed size
     header, *lines = text.splitlines()
-    assert header == ",".join([*OLD_CSV_COLUMNS, "origin", "quoted_label", "quoted_source"])
-    assert lines and all(ln.endswith(",ours,,") for ln in lines)
+    assert header == ",".join([*OLD_CSV_COLUMNS, "origin", "quoted_label", "quoted_source", "packed_mb"])
+    assert lines and all(re.search(r",ours,,,[0-9.]*$", ln) for ln in lines)
 
 
 @pytest.mark.parametrize("anchor, message", [

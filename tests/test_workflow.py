@@ -257,6 +257,13 @@ def test_dag_leaderboard_matches_run_records(tiny_run):
             assert float(row["value"]) == pytest.approx(rec["tasks"][t]["accuracy"], abs=0.01)
     # cost joined from the quantize benchmark files; merged lam chosen on validation
     assert all(float(r["peak_rss_mb"]) > 0 for r in quant)
+    # the packed checkpoint's size: measured by every job that leaves integer codes, the same for every method
+    # of one bit width (3 here), far below the float32 merged file; the unrounded target ships nothing
+    packed = {r["method"]: float(r["packed_mb"]) for r in quant if r["packed_mb"]}
+    assert set(packed) == {"rtn", "gptq", "epmq"} and not any(r["packed_mb"] for r in quant
+                                                              if r["method"] == "epmq_unrounded")
+    fp_mb = (res / "tiny-vit" / "merged" / "task_arithmetic.safetensors").stat().st_size / 2**20
+    assert max(packed.values()) / min(packed.values()) < 1.01 and max(packed.values()) < fp_mb
     merged = json.loads((res / "tiny-vit" / "merged" / "task_arithmetic.json").read_text())
     assert merged["selected_on"] == "validation" and len(merged["trials"]) == 2
     best = max(merged["trials"], key=lambda t: t["validation_mean"])

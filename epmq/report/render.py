@@ -50,8 +50,10 @@ CSV_COLUMNS = [
     "origin",  # "ours" (a run record of this workflow) or "quoted" (copied from the literature: never aggregated)
     "quoted_label",
     "quoted_source",
+    "packed_mb",  # added after the quoted columns: readers of the older column order keep working
 ]
-_FLOAT_FMT = {"value": ".4f", "stderr": ".4f", "quantize_seconds": ".3f", "peak_rss_mb": ".1f", "gpu_mb": ".1f"}
+_FLOAT_FMT = {"value": ".4f", "stderr": ".4f", "quantize_seconds": ".3f", "peak_rss_mb": ".1f", "gpu_mb": ".1f",
+              "packed_mb": ".4f"}
 DEFAULT_TITLE = "E-PMQ leaderboard"
 
 
@@ -93,6 +95,7 @@ def csv_rows(runs: list[dict]) -> list[dict]:
                     "quantize_seconds": r["cost"]["quantize_seconds"],
                     "peak_rss_mb": r["cost"]["peak_rss_mb"],
                     "gpu_mb": r["cost"]["gpu_mb"],
+                    "packed_mb": r["cost"]["packed_mb"],
                     "quant_params": compact_json(r["quant_params"]),
                     "epmq_version": prov.get("epmq"),
                     "torch_version": prov.get("torch"),

@@ -15,7 +15,7 @@ from epmq.errors import EPMQError
 from epmq.report.names import MODEL_ORDER, compact_json, variant_str
 
 SCHEMA = 1
-_COST_KEYS = ("quantize_seconds", "peak_rss_mb", "gpu_mb")
+_COST_KEYS = ("quantize_seconds", "peak_rss_mb", "gpu_mb", "packed_mb")
 _MISSING = {"", "-", "NA", "na", "NaN", "nan", "None"}
 #: a task record whose ``metric`` is one of these carries a correlation x 100 in ``accuracy`` (t5-glue's STS-B:
 #: Spearman), so its range is [-100, 100]

@@ -249,9 +249,14 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
+def _mb(x: float) -> str:
+    """A size in MB to 2 significant digits at least: 0.034, 0.42, 5.3, 88."""
+    return f"{x:.2g}" if x < 1 else f"{x:.1f}" if x < 10 else f"{x:.0f}"
+
+
 def cost_table(sd: SuiteData) -> Table | None:
-    """Median quantize time, peak RSS and GPU memory per method (default settings), and the ratios to the
-    baseline's (GPTQ)."""
+    """Median quantize time, peak RSS and GPU memory per method (default settings), the ratios to the baseline's
+    (GPTQ), and the size on disk of the packed low-bit checkpoint per bit width (per-row scales)."""
     runs = [r for r in sd.runs if r["model"] == "quantized" and not r["variant"]]
     if not runs:
         return None
@@ -272,6 +277,17 @@ def cost_table(sd: SuiteData) -> Table | None:
     def num(x, fmt):
         return Cell(DASH if x is None else format(x, fmt), num=True)
 
+    # the packed checkpoint's size depends on the bit width (and group size), not on the method's settings:
+    # one median per bit width of the per-row-scale runs, e.g. "0.42 / 0.55 / 0.68" for 2 / 3 / 4 bits
+    bits = sorted({r["bits"] for r in runs if r["bits"] is not None})
+
+    def packed(m):
+        sizes = [_median(r["cost"].get("packed_mb") for r in runs
+                         if r["method"] == m and r["bits"] == b and r["group_size"] in (None, -1, 0)) for b in bits]
+        if all(x is None for x in sizes):
+            return Cell(DASH, num=True)
+        return Cell(" / ".join(DASH if x is None else _mb(x) for x in sizes), num=True)
+
     t = Table(
         [
             "Method",
@@ -281,6 +297,7 @@ def cost_table(sd: SuiteData) -> Table | None:
             "Peak RSS, median (MB)",
             _vs_baseline("RSS"),
             "GPU memory, median (MB)",
+            f"Packed MB ({' / '.join(map(str, bits))} bits)",
         ]
     )
     for m in methods:
@@ -294,6 +311,7 @@ def cost_table(sd: SuiteData) -> Table | None:
                 num(med[m]["peak_rss_mb"], ".0f"),
                 ratio(m, "peak_rss_mb"),
                 num(med[m]["gpu_mb"], ".0f"),
+                packed(m),
             ]
         )
     return t
@@ -386,6 +404,12 @@ def methodology(runs: list[dict], *, quoted: bool = False) -> list[tuple]:
             f"and the ablations present: {ablations}. Bits `4` = one scale per output row, `4 · g64` = groups "
             "of 64 input columns; `(2 seeds)` after a method = fewer seeds than the other rows. "
             "Hyperparameter sweep points are in their own table.",
+        ),
+        (
+            "Packed MB",
+            "the cost table's size on disk of the packed low-bit checkpoint a run ships (`epmq quantize --packed`: "
+            "integer codes packed to the bit width, float32 scales and zeros, every other tensor as it is, and its "
+            "config), per bit width; the GPTQ export is this size within fp16 scale rounding.",
         ),
         *extra,
     ]
