@@ -365,7 +365,7 @@ def quantize(spec: dict, merged, calib, qcfg: dict, out, *, seed: int | None = N
     does this, which spares a process start, a weights file and its reload per quantized model."""
     import torch
 
-    from epmq.calibrate import QuantConfig, quantize_model
+    from epmq.engine import QuantConfig, quantize_model
     from epmq.device import resolve
     from epmq.merge.driver import lazy_state_dict
 
