@@ -236,11 +236,11 @@ def gptq_shared(weights, H: torch.Tensor, bits: int, *, name: str = "W", **kwarg
 
 @dataclass(frozen=True)
 class _Columns:
-    """What :func:`_fast_blocks` works on, as :func:`gptq` prepared it: the (permuted) weight ``W``, updated in
-    place by the error feedback, the upper Cholesky factor ``Hinv`` of H^-1, the grid ``spec``, the group
-    width ``gs`` (d_in without groups), the lazy-update ``block_size``, the up-front group grids ``static``
-    (or None), the act-order permutation ``perm`` (or None), and the row grid ``scale``/``zero`` (without
-    groups; else None)."""
+    """What the block loops (:func:`_fast_blocks`, :func:`_plain_blocks`) work on, as :func:`gptq` prepared
+    it: the (permuted) weight ``W``, updated in place by the error feedback, the upper Cholesky factor
+    ``Hinv`` of H^-1, the grid ``spec``, the group width ``gs`` (d_in without groups), the lazy-update
+    ``block_size``, the up-front group grids ``static`` (or None), the act-order permutation ``perm`` (or
+    None), and the row grid ``scale``/``zero`` (without groups; else None)."""
 
     W: torch.Tensor
     Hinv: torch.Tensor
@@ -255,7 +255,7 @@ class _Columns:
 
 @dataclass(frozen=True)
 class _Filled:
-    """The tensors :func:`_fast_blocks` fills (allocated by :func:`gptq`, like the plain loop fills them)."""
+    """The tensors the block loops fill (allocated by :func:`gptq`)."""
 
     Q: torch.Tensor
     codes: torch.Tensor
