@@ -105,7 +105,7 @@ def _walk_block(run: _Run, idx: int) -> None:
     """Prepare block ``idx`` (a later stack's inputs, the experts' inputs, the reuse cache) and quantize it."""
     engine, cfg = run.engine, run.cfg
     use_experts = cfg.spec.needs_experts
-    prefix, block = engine.blocks[idx]
+    block = engine.blocks[idx][1]
     if run.sequential and engine.starts_stack(idx):  # T5's decoder: its inputs come from the whole model
         engine.enter_stack(idx, run.streams, with_expert=use_experts)
     # the experts' inputs of this block, captured once for all groups (None: recompute per group)
