@@ -5,7 +5,7 @@ seeded per-tensor perturbations of relative size ``--pert``), the task-arithmeti
 (``base + lam * sum_t (expert_t - base)``, ``lam = 1/T``: their mean) and random calibration images, then
 times side by side:
 
-``gptq``       :func:`epmq.calibrate.quantize_model`, method ``gptq``, sequential propagation;
+``gptq``       :func:`epmq.engine.quantize_model`, method ``gptq``, sequential propagation;
 ``epmq``       the same with method ``epmq`` and the experts;
 ``reference``  the straightforward procedure of the original GPTQ code (IST-DASLab ``opt.py``/``llama.py``
                ``--true-sequential``): per block and per true-sequential group, forward hooks on the merged
@@ -196,19 +196,19 @@ def setup(args) -> tuple[nn.Module, list, list[list[torch.Tensor]]]:
 @torch.no_grad()
 def reference_gptq(model: nn.Module, calib, args, device) -> list[dict]:
     """The original GPTQ procedure (true-sequential), written out plainly; returns a log row per layer."""
-    from epmq.calibrate import _Capture, _capture_block_inputs, _link_mha_parents, _run_block
-    from epmq.quant.methods.base import _quad
+    from epmq.engine import Capture, capture_block_inputs, link_mha_parents, run_block
     from epmq.models.adapters import get_adapter
+    from epmq.quant.result import layer_error
     from epmq.quant.rounding import gptq
 
     adapter = get_adapter(model)
     model = model.to(device)
     blocks = adapter.find_blocks(model)
     first = blocks[0][1]
-    inps = [c for batches in calib for c in _capture_block_inputs(model, first, adapter, batches, device)]
+    inps = [c for batches in calib for c in capture_block_inputs(model, first, adapter, batches, device)]
     layers = []
     for prefix, block in blocks:
-        _link_mha_parents(block)
+        link_mha_parents(block)
         for group in adapter.find_linears(block):
             keys = {}
             for s in group:
@@ -216,8 +216,8 @@ def reference_gptq(model: nn.Module, calib, args, device) -> list[dict]:
             H = {k: torch.zeros(s.weight.shape[1], s.weight.shape[1], device=device) for k, s in keys.items()}
             n = dict.fromkeys(keys, 0)
             for call in inps:
-                with _Capture(list(keys.values())) as cap:  # full block forward, as in the reference
-                    _run_block(block, call)
+                with Capture(list(keys.values())) as cap:  # full block forward, as in the reference
+                    run_block(block, call)
                 for k in keys:  # the reference's add_batch: running mean of 2 X X^T
                     x = cap.inputs[k].reshape(-1, H[k].shape[0]).t().float()
                     m = x.shape[1]
@@ -233,10 +233,10 @@ def reference_gptq(model: nn.Module, calib, args, device) -> list[dict]:
                            engine="plain")
                 s.weight.data.copy_(res.weight.to(s.weight.dtype))
                 # the same float32 diagnostic as quantize_model's layer log (so both pay the same for it)
-                err = _quad(res.weight - W, Hk) / max(_quad(W, Hk), 1e-30)
+                err = layer_error(res.weight - W, Hk, float32=True) / max(layer_error(W, Hk, float32=True), 1e-30)
                 layers.append({"layer": prefix + s.name, "seconds": time.perf_counter() - t0, "rel_err_merged": err})
             del H
-        inps = [c.with_hidden(_run_block(block, c)) for c in inps]
+        inps = [c.with_hidden(run_block(block, c)) for c in inps]
     return layers
 
 
@@ -271,7 +271,7 @@ def run_variant(variant: str, args) -> dict:
 
 
 def _run_variant(variant: str, args) -> dict:
-    from epmq.calibrate import QuantConfig, quantize_model
+    from epmq.engine import QuantConfig, quantize_model
 
     device = resolve_device(args.device)
     merged, experts, calib = setup(args)
@@ -310,7 +310,7 @@ def _argv_for(args) -> list[str]:
 
 
 def _engine_budget(name: str, given: int | None) -> int:
-    from epmq.calibrate import cache_budget_mb
+    from epmq.engine import cache_budget_mb
 
     return cache_budget_mb(name) if given is None else given
 

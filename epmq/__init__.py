@@ -3,7 +3,7 @@
 Layers (never blurred):
   * numeric core: :mod:`epmq.merge` (merge methods) and :mod:`epmq.quant` (grid, RTN, GPTQ, E-PMQ,
     packed checkpoints) -- pure tensor functions;
-  * model plumbing: :mod:`epmq.models` (architecture adapters) and :mod:`epmq.calibrate`
+  * model plumbing: :mod:`epmq.models` (architecture adapters) and :mod:`epmq.engine`
     (the layer-wise calibration engine);
   * orchestration: the Snakemake workflow and :mod:`epmq.cli`.
 

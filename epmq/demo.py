@@ -43,7 +43,7 @@ def _distance(model, experts, tasks) -> float:
 def run(out: Path, *, n_tasks=4, bits=(2, 3, 4), seed=0, progress=True) -> list[dict]:
     import torch
 
-    from epmq.calibrate import QuantConfig, quantize_model
+    from epmq.engine import QuantConfig, quantize_model
     from epmq.merge import merge_state_dicts
     from epmq.models.openclip import tiny_vision_transformer
     from epmq.quant.packed import save_quantized

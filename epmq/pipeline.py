@@ -408,7 +408,7 @@ def quantize(spec: dict, run: QuantRun, qcfg: dict, files: QuantizeFiles,
     must be the run's); write its record and what ``files`` asks for (see :class:`QuantizeFiles`)."""
     import torch
 
-    from epmq.calibrate import QuantConfig, quantize_model
+    from epmq.engine import QuantConfig, quantize_model
     from epmq.device import resolve
     from epmq.merge.driver import lazy_state_dict
 

@@ -157,7 +157,7 @@ def test_no_mask_and_no_token_types():
 
 @pytest.mark.parametrize("method,forward_dtype", [("gptq", "fp32"), ("epmq", "bf16")])
 def test_quantize_model_same_weights(pair, pretrained, method, forward_dtype):
-    from epmq.calibrate import QuantConfig, quantize_model
+    from epmq.engine import QuantConfig, quantize_model
     from epmq.models.adapters import get_adapter
 
     hf, ours = (copy.deepcopy(m).eval() for m in pair)
@@ -183,7 +183,7 @@ def test_minilm_path_does_not_import_transformers_bert(tmp_path):
     code = (
         "import sys\n"
         "from epmq.suites.minilm import MiniLMSuite\n"
-        "from epmq.calibrate import quantize_model\n"
+        "from epmq.engine import quantize_model\n"
         f"s = MiniLMSuite({str(tmp_path)!r})\n"
         "e = s.new_encoder()\n"
         "assert s.config.hidden_size == 384\n"

@@ -163,7 +163,7 @@ def test_a_new_quantizer_runs_in_the_engine(toy, monkeypatch):
     subclass's own rounding step is called once per group."""
     import torch
 
-    from epmq.calibrate import QuantConfig, quantize_model
+    from epmq.engine import QuantConfig, quantize_model
     from epmq.models.openclip import tiny_vision_transformer
     from epmq.quant.rounding import rtn
 

@@ -137,7 +137,7 @@ def test_same_seed_same_expert(built, tmp_path):
 
 
 def test_quantize_merged_encoder(built):
-    from epmq.calibrate import QuantConfig, quantize_model
+    from epmq.engine import QuantConfig, quantize_model
     from epmq.merge import merge_state_dicts
     from safetensors.torch import load_file
 

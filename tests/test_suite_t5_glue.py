@@ -258,10 +258,11 @@ def test_glue_records_for_cola_and_negative_correlations():
 def test_sequential_decoder_sees_the_quantized_encoder(built, monkeypatch):
     """The decoder's calibration inputs are captured by running the model whose encoder is already quantized
     (and, for the experts, each expert's own encoder): its ``encoder_hidden_states`` are exactly those."""
-    import epmq.calibrate as C
+    import epmq.engine.runner as R
+    from epmq.engine import QuantConfig, quantize_model
 
     seen = []
-    real = C._capture_block_inputs
+    real = R.capture_block_inputs
 
     def spy(model, block, adapter, batches, device, dtype=None, stack=0, *rest, **kw):
         calls = real(model, block, adapter, batches, device, dtype, stack, *rest, **kw)
@@ -269,11 +270,11 @@ def test_sequential_decoder_sees_the_quantized_encoder(built, monkeypatch):
             seen.append((model, [copy.deepcopy(c.args[3]) for c in calls]))
         return calls
 
-    monkeypatch.setattr(C, "_capture_block_inputs", spy)
+    monkeypatch.setattr(R, "capture_block_inputs", spy)  # where the engine reads it
     merged = built.load_encoder(built.base_path)
     calib = [built.calibration_batches(t, 6, seed=0, batch_size=4) for t in TASKS]
     experts = [built.load_encoder(built.expert_path(t)) for t in TASKS]
-    rep = C.quantize_model(merged, calib, C.QuantConfig(method="epmq", bits=3), experts=experts, progress=False)
+    rep = quantize_model(merged, calib, QuantConfig(method="epmq", bits=3), experts=experts, progress=False)
     assert len(rep.results) == 2 * 7 + 2 * 11
     assert len(seen) == 2 * len(TASKS)  # per task: the model being quantized, then per task: its expert
     fp = built.load_encoder(built.base_path)
@@ -294,7 +295,7 @@ def test_sequential_decoder_sees_the_quantized_encoder(built, monkeypatch):
 def test_padding_in_encoder_inputs_never_enters_the_statistics(built):
     """What sits at padded encoder positions changes nothing -- including the cross-attention k/v statistics,
     which select encoder positions while their block's own positions are the decoder's."""
-    from epmq.calibrate import QuantConfig, quantize_model
+    from epmq.engine import QuantConfig, quantize_model
 
     calib = [built.calibration_batches(t, 6, seed=0, batch_size=3) for t in TASKS]
     g = torch.Generator().manual_seed(3)

@@ -80,9 +80,9 @@ def test_schema_enums_match_registries():
     knobs = set(props["quantize"]["properties"]["params"]["properties"])
     assert knobs == set(epmq.config.QUANT_KNOBS)
     assert set(DEFAULT_TASKS) == set(SUITES)
-    from epmq.calibrate import _DTYPE_KNOBS
+    from epmq.engine import DTYPE_KNOBS
 
-    for knob, table in _DTYPE_KNOBS.items():  # forward_dtype / act_dtype / stats_dtype
+    for knob, table in DTYPE_KNOBS.items():  # forward_dtype / act_dtype / stats_dtype
         assert set(props["quantize"]["properties"]["params"]["properties"][knob]["enum"]) == set(table), knob
 
 

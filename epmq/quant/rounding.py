@@ -19,6 +19,8 @@ The scale of H does not change Q, only the reported loss. The same function is E
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from epmq.errors import EPMQError, all_finite, check_finite
@@ -172,43 +174,12 @@ def gptq(
         scale, zero = find_params(W, spec)
         scales[:, 0], zeros[:, 0] = scale, zero
 
+    cols = _Columns(W, Hinv, spec, gs, block_size, static, perm, scale, zero)
+    filled = _Filled(Q, codes, losses, scales, zeros, col_group)
     if engine == "fast":
-        _fast_blocks(W, Hinv, spec, gs, block_size, static, perm, scale, zero, Q, codes, losses, scales, zeros,
-                     col_group)
+        _fast_blocks(cols, filled)
     else:  # the reference loop, column by column
-        for i1 in range(0, d_in, block_size):
-            i2 = min(i1 + block_size, d_in)
-            W1 = W[:, i1:i2].clone()
-            Err1 = torch.zeros_like(W1)
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                j = i1 + i
-                if group_size != -1:
-                    if static is not None:
-                        orig = int(perm[j]) if perm is not None else j
-                        g = orig // gs
-                        scale, zero = static[g]
-                    else:
-                        g = j // gs
-                        if j % gs == 0:
-                            # grid of the next group from the error-updated columns (reference semantics)
-                            Wg = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                            scale, zero = find_params(Wg, spec)
-                    scales[:, g], zeros[:, g] = scale, zero
-                    col_group[j] = g
-                else:
-                    col_group[j] = 0
-                w = W1[:, i]
-                d = Hinv1[i, i]
-                c = quantize_codes(w, scale, zero, spec.maxq)
-                q = dequantize(c, scale, zero)
-                codes[:, j] = c
-                Q[:, j] = q
-                err = (w - q) / d
-                losses += (w - q) ** 2 / d**2 / 2
-                W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-                Err1[:, i] = err
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        _plain_blocks(cols, filled)
 
     g_idx = col_group
     if perm is not None:
@@ -263,12 +234,88 @@ def gptq_shared(weights, H: torch.Tensor, bits: int, *, name: str = "W", **kwarg
     return out
 
 
-def _fast_blocks(W, Hinv, spec, gs, block_size, static, perm, scale, zero, Q, codes, losses, scales, zeros,
-                 col_group) -> None:
+@dataclass(frozen=True)
+class _Columns:
+    """What the block loops (:func:`_fast_blocks`, :func:`_plain_blocks`) work on, as :func:`gptq` prepared
+    it: the (permuted) weight ``W``, updated in place by the error feedback, the upper Cholesky factor
+    ``Hinv`` of H^-1, the grid ``spec``, the group width ``gs`` (d_in without groups), the lazy-update
+    ``block_size``, the up-front group grids ``static`` (or None), the act-order permutation ``perm`` (or
+    None), and the row grid ``scale``/``zero`` (without groups; else None)."""
+
+    W: torch.Tensor
+    Hinv: torch.Tensor
+    spec: GridSpec
+    gs: int
+    block_size: int
+    static: list | None
+    perm: torch.Tensor | None
+    scale: torch.Tensor | None
+    zero: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class _Filled:
+    """The tensors the block loops fill (allocated by :func:`gptq`)."""
+
+    Q: torch.Tensor
+    codes: torch.Tensor
+    losses: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    col_group: torch.Tensor
+
+
+def _plain_blocks(cols: _Columns, out: _Filled) -> None:
+    """The block loop of :func:`gptq` as the reference writes it: column by column, a dynamic group's grid
+    found from the error-updated columns when its first column is reached. Fills ``out``."""
+    W, Hinv, spec, gs, block_size = cols.W, cols.Hinv, cols.spec, cols.gs, cols.block_size
+    static, perm, scale, zero = cols.static, cols.perm, cols.scale, cols.zero
+    Q, codes, losses, scales, zeros, col_group = out.Q, out.codes, out.losses, out.scales, out.zeros, out.col_group
+    d_in, group_size = W.shape[1], spec.group_size
+    for i1 in range(0, d_in, block_size):
+        i2 = min(i1 + block_size, d_in)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if group_size != -1:
+                if static is not None:
+                    orig = int(perm[j]) if perm is not None else j
+                    g = orig // gs
+                    scale, zero = static[g]
+                else:
+                    g = j // gs
+                    if j % gs == 0:
+                        # grid of the next group from the error-updated columns (reference semantics)
+                        Wg = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
+                        scale, zero = find_params(Wg, spec)
+                scales[:, g], zeros[:, g] = scale, zero
+                col_group[j] = g
+            else:
+                col_group[j] = 0
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            c = quantize_codes(w, scale, zero, spec.maxq)
+            q = dequantize(c, scale, zero)
+            codes[:, j] = c
+            Q[:, j] = q
+            err = (w - q) / d
+            losses += (w - q) ** 2 / d**2 / 2
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+
+def _fast_blocks(cols: _Columns, out: _Filled) -> None:
     """The block loop of :func:`gptq` with each block's columns done by one kernel call per segment (a block
     is split where a dynamic group starts, since that group's grid comes from the error-updated weights).
-    Fills ``Q``, ``codes``, ``losses``, ``scales``, ``zeros``, ``col_group`` like the plain loop."""
+    Fills ``out`` (``Q``, ``codes``, ``losses``, ``scales``, ``zeros``, ``col_group``) like the plain loop."""
     from epmq.quant import kernels
+
+    W, Hinv, spec, gs, block_size = cols.W, cols.Hinv, cols.spec, cols.gs, cols.block_size
+    static, perm, scale, zero = cols.static, cols.perm, cols.scale, cols.zero
+    Q, codes, losses, scales, zeros, col_group = out.Q, out.codes, out.losses, out.scales, out.zeros, out.col_group
 
     kern = kernels.block_kernel(kernels.pick(W.device))
     d_out, d_in = W.shape

@@ -642,7 +642,7 @@ def _cmd_build(suite: MiniLMSuite) -> dict:
 
 
 def _cmd_targets(suite: MiniLMSuite, lams, bits, calib_n, extra_bits=()) -> dict:
-    from epmq.calibrate import QuantConfig, quantize_model
+    from epmq.engine import QuantConfig, quantize_model
     from epmq.merge import merge_state_dicts
 
     t_build = time.perf_counter()

@@ -551,7 +551,7 @@ def report_targets(cache_dir, *, seed: int = 0, lams=None, bits: int = 3, extra_
     bit widths to report (no target on them)."""
     import torch
 
-    from epmq.calibrate import QuantConfig, quantize_model
+    from epmq.engine import QuantConfig, quantize_model
     from epmq.merge import merge_state_dicts
 
     suite = TinyViTSuite(cache_dir, seed=seed, **options)

@@ -4,7 +4,7 @@ A quantizer says
 
 * what it rounds, under which Hessian, with which rounding (``target`` / ``hessian`` / ``rounding``), and
   from that what it needs (:attr:`Quantizer.needs_experts`, :attr:`Quantizer.needs_calibration`) and which
-  :class:`~epmq.calibrate.QuantConfig` knobs it reads (:attr:`Quantizer.knobs`);
+  :class:`~epmq.engine.QuantConfig` knobs it reads (:attr:`Quantizer.knobs`);
 * how it plans one site (:meth:`Quantizer.plan`: the target ``goal`` and Hessian ``H`` of a :class:`Plan`)
   and rounds a group of planned sites (:meth:`Quantizer.round_group`, which calls :meth:`Quantizer.round_sites`
   for the rounding itself and then refits biases and logs the layer errors);
@@ -12,7 +12,7 @@ A quantizer says
   quantized model, never marked best), ``baseline`` (the reference of the Δ columns: GPTQ) and ``headline``
   (the method whose Δ against the baseline the leaderboard shows: E-PMQ).
 
-The calibration engine (:mod:`epmq.calibrate`) calls only ``plan`` and ``round_group``. A new rounding (GPTAQ,
+The calibration engine (:mod:`epmq.engine`) calls only ``plan`` and ``round_group``. A new rounding (GPTAQ,
 ...) subclasses :class:`Quantizer` and overrides :meth:`Quantizer.round_sites` (or ``round_group``); a new
 target or Hessian overrides :meth:`Quantizer.plan`.
 
@@ -199,6 +199,7 @@ QuantMethod = Quantizer  # the registry's historical name
 
 
 def _quad(D, G) -> float:
-    """tr(D G D^T)."""
-    D = D.float()
-    return float(((D @ G) * D).sum())
+    """tr(D G D^T) in float32, as the layer logs record it (:func:`epmq.quant.result.layer_error`)."""
+    from epmq.quant.result import layer_error
+
+    return layer_error(D, G, float32=True)

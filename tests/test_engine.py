@@ -1,5 +1,5 @@
-"""The layer-wise calibration engine on tiny open_clip ViT, HF CLIP vision, BERT and T5 (encoder-decoder) models
-with 3 experts."""
+"""The layer-wise calibration engine (:mod:`epmq.engine`) on tiny open_clip ViT, HF CLIP vision, BERT and T5
+(encoder-decoder) models with 3 experts."""
 
 import copy
 import re
@@ -7,7 +7,11 @@ import re
 import pytest
 import torch
 
-from epmq.calibrate import QuantConfig, collect_stats, load_stats, quantize_model, save_stats
+import epmq.engine.budget as budget
+import epmq.engine.fold as fold
+from epmq.engine import QuantConfig, collect_stats, quantize_model
+from epmq.engine.reuse import Reuse
+from epmq.engine.runner import Engine
 from epmq.quant.target import TaskStats
 from epmq.errors import EPMQError
 from epmq.models.adapters import get_adapter
@@ -192,22 +196,36 @@ def test_ablations_and_bias_refit(setting):
         assert report.biases and all(torch.isfinite(b).all() for b in report.biases.values())
 
 
-def test_fp_stats_artefact_roundtrip(setting, tmp_path):
+def test_fp_stats_are_collected_once_and_reused(setting):
+    """``fp`` propagation: statistics from :func:`collect_stats` passed as ``stats=`` give the codes of a run
+    that collects them itself, and serve another bit width and method without recollecting."""
     name, merged, experts, calib, _ = setting
     stats = collect_stats(merged, calib, experts, progress=False)
-    save_stats(stats, tmp_path / "stats.safetensors", metadata={"n_calib": 16})
-    loaded = load_stats(tmp_path / "stats.safetensors")
-    results = []
-    for st in (stats, loaded):
-        model = copy.deepcopy(merged)
-        cfg = QuantConfig(method="epmq", bits=4, propagation="fp")
-        results.append(quantize_model(model, None, cfg, experts=experts, stats=st, progress=False))
-    for k in results[0].results:
-        assert torch.equal(results[0].results[k].codes, results[1].results[k].codes)
-    # reused for another bit width and method without recollecting
+    cfg = QuantConfig(method="epmq", bits=4, propagation="fp")
+    given = quantize_model(copy.deepcopy(merged), None, cfg, experts=experts, stats=stats, progress=False)
+    own = quantize_model(copy.deepcopy(merged), calib, cfg, experts=experts, progress=False)
+    assert given.results.keys() == own.results.keys()
+    for k in given.results:
+        assert torch.equal(given.results[k].codes, own.results[k].codes), k
     model = copy.deepcopy(merged)
-    r = quantize_model(model, None, QuantConfig(method="gptq", bits=2, propagation="fp"), stats=loaded, progress=False)
+    r = quantize_model(model, None, QuantConfig(method="gptq", bits=2, propagation="fp"), stats=stats, progress=False)
     assert len(r.results) == EXPECTED_SITES[name]
+
+
+def test_engine_import_is_light_and_the_old_name_still_works():
+    """``import epmq.engine`` loads no torch (each public name loads its module on first use), and the old
+    module name ``epmq.calibrate`` hands out the same objects."""
+    import subprocess
+    import sys
+
+    code = "import sys, epmq.engine, epmq.calibrate; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    import epmq.calibrate
+    import epmq.engine
+
+    for name in epmq.calibrate.__all__:
+        assert getattr(epmq.calibrate, name) is getattr(epmq.engine, name), name
+    assert set(epmq.engine.__all__) <= set(dir(epmq.engine))
 
 
 def test_deterministic(setting):
@@ -245,12 +263,10 @@ def test_engine_shortcuts_change_nothing(setting, method, monkeypatch):
     """Capturing each expert block once (``expert_pass``) and stopping a group's forward once its inputs are
     captured compute the same statistics as re-running the expert block for every group (up to float
     summation order inside BLAS: layer errors agree to 1e-5, codes in >= 99.9% of weights)."""
-    import epmq.calibrate as C
-
     name, merged, experts, calib, _ = setting
     out = []
-    for budget in (C.EXPERT_CACHE_MB, 0):  # 0: the cache never fits -> recompute per group
-        monkeypatch.setattr(C, "EXPERT_CACHE_MB", budget)
+    for mb in (budget.EXPERT_CACHE_MB, 0):  # 0: the cache never fits -> recompute per group
+        monkeypatch.setattr(budget, "EXPERT_CACHE_MB", mb)
         model = copy.deepcopy(merged)
         out.append(quantize_model(model, calib, QuantConfig(method=method, bits=3), experts=experts, progress=False))
     for k in out[0].results:
@@ -262,17 +278,15 @@ def test_engine_shortcuts_change_nothing(setting, method, monkeypatch):
 
 @pytest.mark.parametrize("method", ["gptq", "epmq"])
 def test_reused_outputs_change_nothing(setting, method, monkeypatch):
-    """Reading a finished sub-module's output in a block's later passes (``_Reuse``) gives bit-identical
+    """Reading a finished sub-module's output in a block's later passes (``Reuse``) gives bit-identical
     weights, and it does happen on every architecture (attention is not recomputed for the FFN's groups)."""
-    import epmq.calibrate as C
-
     name, merged, experts, calib, _ = setting
     hits = []
-    close = C._Reuse.close
-    monkeypatch.setattr(C._Reuse, "close", lambda self: hits.append(self.hits) or close(self))
+    close = Reuse.close
+    monkeypatch.setattr(Reuse, "close", lambda self: hits.append(self.hits) or close(self))
     out = []
-    for budget in (0, C.REUSE_CACHE_MB):  # 0: no reuse, every pass recomputes the block
-        monkeypatch.setattr(C, "REUSE_CACHE_MB", budget)
+    for mb in (0, budget.REUSE_CACHE_MB):  # 0: no reuse, every pass recomputes the block
+        monkeypatch.setattr(budget, "REUSE_CACHE_MB", mb)
         model = copy.deepcopy(merged)
         rep = quantize_model(model, calib, QuantConfig(method=method, bits=3), experts=experts, progress=False)
         out.append((rep, model.state_dict()))
@@ -289,16 +303,14 @@ def test_direct_target_products_change_little(setting, monkeypatch):
     """The layers whose E-PMQ target product is formed token by token (``direct_pays``: an MLP's down
     projection on every architecture) give what the C-and-fold route gives, up to float32 summation order:
     layer errors to 1e-4, codes in >= 99% of the weights."""
-    import epmq.calibrate as C
-
     name, merged, experts, calib, _ = setting
     used = []
-    pays = C.direct_pays
-    monkeypatch.setattr(C, "direct_pays", lambda o, i: used.append((o, i)) or pays(o, i))
+    pays = fold.direct_pays
+    monkeypatch.setattr(fold, "direct_pays", lambda o, i: used.append((o, i)) or pays(o, i))
     direct = quantize_model(copy.deepcopy(merged), calib, QuantConfig(method="epmq", bits=3), experts=experts,
                             progress=False)
     assert any(pays(o, i) for o, i in used), used
-    monkeypatch.setattr(C, "direct_pays", lambda o, i: False)
+    monkeypatch.setattr(fold, "direct_pays", lambda o, i: False)
     folded = quantize_model(copy.deepcopy(merged), calib, QuantConfig(method="epmq", bits=3), experts=experts,
                             progress=False)
     for k in direct.results:
@@ -311,10 +323,8 @@ def test_direct_target_products_change_little(setting, monkeypatch):
 def test_cached_expert_outputs_give_the_same_bits(setting, monkeypatch):
     """The expert pass keeping a down projection's expert outputs instead of its inputs (a quarter of the
     memory in a ViT) changes no bit of the result, and does happen on every architecture."""
-    import epmq.calibrate as C
-
     name, merged, experts, calib, _ = setting
-    expert_pass = C._Engine.expert_pass
+    expert_pass = Engine.expert_pass
     kept = []
 
     def run(want: bool):
@@ -323,7 +333,7 @@ def test_cached_expert_outputs_give_the_same_bits(setting, monkeypatch):
             kept.extend(k for caps in (r or []) for call in caps for k in call)
             return r
 
-        monkeypatch.setattr(C._Engine, "expert_pass", spy)
+        monkeypatch.setattr(Engine, "expert_pass", spy)
         model = copy.deepcopy(merged)
         rep = quantize_model(model, calib, QuantConfig(method="epmq", bits=3), experts=experts, progress=False)
         return rep, model.state_dict()
@@ -339,23 +349,23 @@ def test_cached_expert_outputs_give_the_same_bits(setting, monkeypatch):
 def test_cache_budgets_from_the_environment(setting, monkeypatch):
     """EPMQ_EXPERT_CACHE_MB / EPMQ_REUSE_CACHE_MB override the engine's budgets (0 turns the cache off), and a
     bad value is a clear error naming the variable."""
-    import epmq.calibrate as C
-
     for name in ("EXPERT_CACHE_MB", "REUSE_CACHE_MB"):
         monkeypatch.delenv(f"EPMQ_{name}", raising=False)
-        assert C.cache_budget_mb(name) == getattr(C, name)
+        assert budget.cache_budget_mb(name) == getattr(budget, name)
         monkeypatch.setenv(f"EPMQ_{name}", "512")
-        assert C.cache_budget_mb(name) == 512
+        assert budget.cache_budget_mb(name) == 512
         for bad in ("lots", "-5", "1.5"):
             monkeypatch.setenv(f"EPMQ_{name}", bad)
             with pytest.raises(EPMQError, match=f"EPMQ_{name}='{re.escape(bad)}': expected a whole number"):
-                C.cache_budget_mb(name)
+                budget.cache_budget_mb(name)
+    with pytest.raises(EPMQError, match="cache budget 'OTHER_MB': expected 'EXPERT_CACHE_MB' or 'REUSE_CACHE_MB'"):
+        budget.cache_budget_mb("OTHER_MB")
     name, merged, experts, calib, _ = setting
     passes, reuses = [], []
-    expert_pass, close = C._Engine.expert_pass, C._Reuse.close
-    monkeypatch.setattr(C._Engine, "expert_pass",
+    expert_pass, close = Engine.expert_pass, Reuse.close
+    monkeypatch.setattr(Engine, "expert_pass",
                         lambda self, *a, **k: passes.append(expert_pass(self, *a, **k)) or passes[-1])
-    monkeypatch.setattr(C._Reuse, "close", lambda self: reuses.append(self) or close(self))
+    monkeypatch.setattr(Reuse, "close", lambda self: reuses.append(self) or close(self))
     monkeypatch.setenv("EPMQ_EXPERT_CACHE_MB", "0")
     monkeypatch.setenv("EPMQ_REUSE_CACHE_MB", "0")
     quantize_model(copy.deepcopy(merged), calib, QuantConfig(method="epmq", bits=3), experts=experts, progress=False)
@@ -411,13 +421,12 @@ class _Toy(torch.nn.Module):
 
 
 def test_reuse_tracks_writes_shared_modules_and_in_place_ops():
-    import epmq.calibrate as C
     from epmq.models.adapters import _linear
 
     block = _Toy()
     sites = {p: _linear(block, p, p) for p in ("a", "d", "b", "c")}
     x = torch.randn(3, 4)
-    reuse = C._Reuse(block, list(sites.values()))
+    reuse = Reuse(block, list(sites.values()))
     try:
         with torch.no_grad():
             with reuse.calling(0):
@@ -514,8 +523,6 @@ def test_bf16_forwards_close_to_fp32(setting):
 def _spy_stored_hidden(monkeypatch):
     """Record, after every engine step that sets the kept block calls (first capture, a later stack's capture,
     the expert pass, propagation), the dtypes and total bytes of the hidden states kept between blocks."""
-    import epmq.calibrate as C
-
     seen = {"dtypes": set(), "peak_bytes": 0}
 
     def record(streams):
@@ -526,7 +533,7 @@ def _spy_stored_hidden(monkeypatch):
                 total += c.hidden.numel() * c.hidden.element_size()
         seen["peak_bytes"] = max(seen["peak_bytes"], total)
 
-    real = {k: getattr(C._Engine, k) for k in ("streams", "enter_stack", "expert_pass", "propagate")}
+    real = {k: getattr(Engine, k) for k in ("streams", "enter_stack", "expert_pass", "propagate")}
 
     def streams(self):
         out = real["streams"](self)
@@ -548,7 +555,7 @@ def _spy_stored_hidden(monkeypatch):
 
     for k, f in (("streams", streams), ("enter_stack", enter_stack), ("expert_pass", expert_pass),
                  ("propagate", propagate)):
-        monkeypatch.setattr(C._Engine, k, f)
+        monkeypatch.setattr(Engine, k, f)
     return seen
 
 
@@ -712,22 +719,20 @@ def test_padding_positions_do_not_enter_the_statistics():
 def test_no_autograd_graph_survives_quantization(setting):
     """Calibration forwards run without autograd: a graph kept alive through the propagated hidden states
     would hold every block's activations (it once tripled E-PMQ's peak memory)."""
-    import epmq.calibrate as C
-
     name, merged, experts, calib, _ = setting
     seen = []
-    real = C._Engine.expert_pass
+    real = Engine.expert_pass
 
     def spy(self, idx, streams, **kw):
         out = real(self, idx, streams, **kw)
         seen.extend(c.hidden.requires_grad for calls in streams.expert for c in calls)
         return out
 
-    C._Engine.expert_pass = spy
+    Engine.expert_pass = spy
     try:
         quantize_model(copy.deepcopy(merged), calib, QuantConfig(method="epmq", bits=3), experts=experts, progress=False)
     finally:
-        C._Engine.expert_pass = real
+        Engine.expert_pass = real
     assert seen and not any(seen)
 
 
