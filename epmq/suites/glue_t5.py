@@ -252,7 +252,7 @@ class T5GlueSuite(HubSuite):
 
     def _build_data(self, task: str, split: str, path: Path, key: dict) -> None:
         """Tokenize ``task``/``split`` (``test`` = GLUE validation) once (see
-        :meth:`~epmq.suites.clip.HubSuite.data_file`)."""
+        :meth:`~epmq.suites._hub.HubSuite.data_file`)."""
         import numpy as np
         import torch
 
