@@ -411,7 +411,7 @@ class HubSuite(Suite):
         t = type(self).task_lookup(task)
         hf_dataset, hf_config, split = t.hf_dataset, t.hf_config, self.hf_split(task, which)
         name = f"'{hf_dataset}'" + (f" ({hf_config})" if hf_config else "")
-        fetch_hint = f"run `python -m {type(self).__module__} fetch`"
+        fetch_hint = f"run `{self.fetch_command()}`"
         local = self._local_dataset(task)
         if local is not None:
             try:
@@ -463,6 +463,10 @@ class HubSuite(Suite):
         part = perm[:n_val] if split == "validation" else perm[n_val:n_val + self.cfg["calib_pool"]]
         return np.sort(part).astype(np.int64)
 
+    def fetch_command(self) -> str:
+        """The command that downloads this suite's sources (what an offline error tells the user to run)."""
+        return f"python -m {_module(self.name)} fetch"
+
     def split_key(self, split: str) -> dict:
         """The size options a cached ``split`` depends on: the tail of every hub suite's ``_data_key``."""
         if split == "test":
@@ -492,7 +496,7 @@ class HubSuite(Suite):
         if problems:
             where = "offline: not in the local caches" if (hub_offline() or datasets_offline()) else "unavailable"
             raise EPMQError(f"{self.name} suite: {len(problems)} source(s) {where}: " + "; ".join(problems)
-                            + f" -- run `python -m {type(self).__module__} fetch` with internet (same HF_HOME), "
+                            + f" -- run `{self.fetch_command()}` with internet (same HF_HOME), "
                             "or pass local folders")
         if preprocess:
             for t in self.tasks:
@@ -500,6 +504,14 @@ class HubSuite(Suite):
                     self.data_file(t, split)
         return {"models": models, "datasets": {t: self.dataset_source(t) for t in self.tasks},
                 "revisions": revisions, "revisions_pinned": self.cfg["revisions"]}
+
+
+def _module(suite_name: str) -> str:
+    """The module of suite ``suite_name`` as registered in :data:`epmq.suites.SUITES` (also when it runs as
+    ``__main__``)."""
+    from epmq.suites import SUITES
+
+    return SUITES[suite_name].split(":")[0]
 
 
 def _why(e: EPMQError) -> str:
@@ -533,7 +545,7 @@ def hub_suite_cli(suite_cls, argv, *, doc: str, base_label: str, width: int, pre
     everything and prints the base-vs-experts table. Errors: one line, exit 2."""
     import argparse
 
-    p = argparse.ArgumentParser(prog=f"python -m {suite_cls.__module__}", description=doc.split("\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m {_module(suite_cls.name)}", description=doc.split("\n")[0])
     p.add_argument("command", choices=["fetch", "build"])
     p.add_argument("--cache", required=True, help="suite cache folder")
     p.add_argument("--seed", type=int, default=0)
