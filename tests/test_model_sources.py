@@ -414,6 +414,30 @@ def test_openclip_visual_prefixes(tmp_path):
         S.load_openclip_visual(TINY_VISION_CFG, broken)
 
 
+def test_hf_clip_vision_converts_to_openclip_with_the_same_features(clip_vision):
+    """epmq.models.convert: a HF CLIPVisionModel + visual_projection -> an open_clip VisionTransformer (fused
+    q/k/v, proj = projection.T) of the config read off the HF config, computing the same projected features."""
+    from epmq.models.convert import hf_to_openclip_visual, hf_vision_keys, openclip_config_from_hf
+
+    hf, _ = clip_vision
+    projection = torch.randn(16, CLIP_VISION["hidden_size"], generator=torch.Generator().manual_seed(3))
+    sd = S.clip_vision_keys(hf.state_dict())
+    assert sorted(sd) == sorted(hf_vision_keys(2))
+    oc_cfg = openclip_config_from_hf(hf.config, 16)
+    assert oc_cfg["quick_gelu"] and oc_cfg["vision_cfg"]["head_width"] == 16 and oc_cfg["embed_dim"] == 16
+    oc = S.build_openclip_visual(oc_cfg, quick_gelu=oc_cfg["quick_gelu"]).eval()
+    converted = hf_to_openclip_visual(sd, projection)
+    assert sorted(converted) == sorted(oc.state_dict())
+    oc.load_state_dict(converted, strict=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(oc(x), hf(pixel_values=x).pooler_output @ projection.t(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(EPMQError, match=r"not convertible to open_clip \(unexpected \['bogus'\], missing \[\]\)"):
+        hf_to_openclip_visual({**sd, "bogus": torch.zeros(1)}, projection)
+    with pytest.raises(EPMQError, match=r"missing \['post_layernorm.bias'\]"):
+        hf_to_openclip_visual({k: v for k, v in sd.items() if k != "post_layernorm.bias"}, projection)
+
+
 # --------------------------------------------------------------------------------------------- FLAN-T5
 
 

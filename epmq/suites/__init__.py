@@ -1,4 +1,18 @@
-"""Benchmark suites, by name. Entries are import paths so that listing suites imports no torch."""
+"""Benchmark suites, by name. Entries are import paths so that listing suites imports no torch.
+
+Layout
+    * :mod:`epmq.suites.base` -- the skeleton: :class:`~epmq.suites.base.Suite`, what every suite provides (name,
+      adapter, options, base / heads / experts, calibration batches, the evaluation of ONE task) and what it
+      gets (cache layout, option check, ``build_all``, the one evaluation loop ``evaluate_all``);
+    * :mod:`epmq.suites._hub` -- :class:`~epmq.suites._hub.HubSuite`, what the hub-backed suites share
+      (revisions, downloads, seeded splits, the preprocessed-data cache, expert import, their CLI);
+    * :mod:`epmq.suites._splits` -- the split cache of the embedded suites;
+    * one module per suite: ``tiny_vit`` and ``minilm`` (embedded, offline), ``clip`` and ``glue_t5`` (hub).
+
+A new suite: a :class:`~epmq.suites.base.Suite` (or ``HubSuite``) subclass, an entry in :data:`SUITES` and
+:data:`DEFAULT_TASKS` (a test keeps the latter equal to the suite's ``DEFAULTS["tasks"]``), and its name in the
+workflow schema's ``suites.*.type`` enum. No suite module imports from another suite module.
+"""
 
 from __future__ import annotations
 

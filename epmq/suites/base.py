@@ -1,14 +1,32 @@
-"""What a benchmark suite provides to the workflow: a base encoder, one expert per task, frozen per-task heads,
-calibration batches from each task's train split, and evaluation on its test split.
+"""The suite skeleton: what a benchmark suite provides to the workflow, and the parts every suite shares.
 
-Every artefact is a file under the suite's cache folder (safetensors + JSON metadata with seed, steps and
-data versions), written atomically, so that pretraining and fine-tuning run once. A suite is registered in
-:data:`epmq.suites.SUITES` by name.
+A suite is a base encoder, one expert per task, frozen per-task heads, calibration batches from each task's
+train split, and evaluation on its test split. Every artefact is a file under the suite's cache folder
+(safetensors + JSON metadata with seed, steps and data versions), written atomically, so that pretraining and
+fine-tuning run once. A suite is registered in :data:`epmq.suites.SUITES` by name.
 
 The merged and quantized objects are always the *encoder* (the module an adapter of
 :mod:`epmq.models.adapters` recognises); heads stay in full precision, one per task, and are never merged.
 A text-to-text suite (``t5-glue``) has no heads: its "encoder" is the whole seq2seq model, whose own LM head
-generates the answers, and :meth:`Suite.head` returns None.
+generates the answers, :attr:`Suite.has_heads` is False and :meth:`Suite.head` returns None.
+
+What a suite provides (a subclass of :class:`Suite`)
+    * class attributes ``name``, ``adapter`` (a name in :data:`epmq.models.adapters.ADAPTERS`), ``DEFAULTS``
+      (every constructor option with its default), and where they differ from the defaults here
+      ``has_heads`` and ``merge_exclude``; ``self.tasks`` (set by its constructor, from the options);
+    * models: :meth:`~Suite.new_encoder`, :meth:`~Suite.load_encoder`, :meth:`~Suite.build_base_weights` (the
+      base's weights alone), :meth:`~Suite.build_base` (the base and every head), :meth:`~Suite.build_expert`,
+      :meth:`~Suite.head`;
+    * data: :meth:`~Suite.calibration_batches`, and optionally :meth:`~Suite.prefetch` (downloads);
+    * evaluation: :meth:`~Suite.evaluate` -- ONE task's record (its batches, its forward, its metric).
+
+What every suite gets from here
+    the cache layout (``base_path``, ``head_path``, ``expert_path``, ``splits_path``), the option check
+    (:meth:`~Suite.with_defaults`), :meth:`~Suite.base_encoder` / :meth:`~Suite.expert_encoder`,
+    :meth:`~Suite.build_all`, and the evaluation loop :meth:`~Suite.evaluate_all`: every task of
+    ``self.tasks`` in order through :meth:`~Suite.evaluate`, plus their unweighted mean
+    (:func:`mean_accuracy`). The hub-backed suites (``clip``, ``t5-glue``) share more -- revisions, downloads,
+    seeded splits, the preprocessed-data cache, a small CLI -- in :class:`epmq.suites._hub.HubSuite`.
 """
 
 from __future__ import annotations
@@ -21,11 +39,16 @@ from epmq.suites._splits import FILENAME as SPLITS_FILENAME
 
 
 class Suite(ABC):
-    """A benchmark suite. Subclasses set ``name``, ``tasks`` and ``adapter`` and implement the methods."""
+    """A benchmark suite. Subclasses set ``name``, ``adapter``, ``DEFAULTS`` and ``tasks`` and implement the
+    abstract methods (the module doc lists them)."""
 
     name: str
     tasks: tuple[str, ...]
     adapter: str  # name in epmq.models.adapters.ADAPTERS
+    #: every constructor option with its default (:meth:`with_defaults` refuses any other)
+    DEFAULTS: dict = {}
+    #: False for a suite without per-task heads (text-to-text): :meth:`head` returns None, no heads/ files
+    has_heads: bool = True
     #: regexes of state-dict keys the merge copies from the base; None: epmq.merge.driver.DEFAULT_EXCLUDE
     merge_exclude: tuple[str, ...] | None = None
 
@@ -33,6 +56,13 @@ class Suite(ABC):
         self.cache_dir = Path(cache_dir)
         self.seed = seed
         self.options = options
+
+    def with_defaults(self, options: dict) -> dict:
+        """``DEFAULTS`` updated with ``options``; one error naming any option the suite does not have."""
+        unknown = sorted(set(options) - set(self.DEFAULTS))
+        if unknown:
+            raise EPMQError(f"{self.name} suite: unknown option(s) {unknown}; expected some of {sorted(self.DEFAULTS)}")
+        return {**self.DEFAULTS, **options}
 
     # -- cache layout (the same for every suite, so a workflow declares the files with one pattern) --------
     # {cache}/base.safetensors, {cache}/heads/<task>.safetensors, {cache}/experts/<task>.safetensors, each
@@ -79,13 +109,34 @@ class Suite(ABC):
         """An encoder in eval mode holding ``weights`` (a safetensors path or a state dict)."""
 
     @abstractmethod
+    def build_base_weights(self) -> Path:
+        """Create (or find cached) the base encoder's safetensors alone (no heads); return its path."""
+
+    @abstractmethod
     def build_base(self) -> Path:
         """Create (or find cached) the base encoder's safetensors *and every task's head*; return the base's
         path. Expert jobs run after it in parallel then never build a head concurrently."""
 
     @abstractmethod
     def build_expert(self, task: str) -> Path:
-        """Fine-tune (or find cached) the expert encoder for ``task``; return its safetensors path."""
+        """Fine-tune / import (or find cached) the expert encoder for ``task``; return its safetensors path."""
+
+    def base_encoder(self):
+        """The base encoder (built if missing), in eval mode."""
+        return self.load_encoder(self.build_base_weights())
+
+    def expert_encoder(self, task: str):
+        """``task``'s expert encoder (built if missing), in eval mode."""
+        return self.load_encoder(self.build_expert(task))
+
+    def build_all(self) -> dict:
+        """Base, every head and every expert (cached); their paths ``{"base": path, "heads": {task: path},
+        "experts": {task: path}}`` (no ``"heads"`` without heads)."""
+        out = {"base": self.build_base()}
+        if self.has_heads:
+            out["heads"] = {t: self.head_path(t) for t in self.tasks}
+        out["experts"] = {t: self.build_expert(t) for t in self.tasks}
+        return out
 
     @abstractmethod
     def head(self, task: str):
@@ -99,12 +150,33 @@ class Suite(ABC):
 
     @abstractmethod
     def evaluate(self, encoder, task: str, *, split: str = "test") -> dict:
-        """Top-1 accuracy of ``encoder`` + ``task``'s head on ``split``:
-        ``{"task", "split", "n", "correct", "accuracy", "stderr"}`` (stderr = sqrt(p(1-p)/n))."""
+        """The record of ``encoder`` (+ ``task``'s head) on ``split``: ``{"task", "split", "n", "correct",
+        "accuracy", "stderr"}`` (:func:`epmq.evaluate.accuracy_record`; ``accuracy`` in %, the task's headline
+        metric) plus whatever the suite adds; the encoder's train/eval mode is left as it was."""
 
-    @abstractmethod
     def evaluate_all(self, encoder, *, split: str = "test") -> dict:
-        """``{"tasks": {task: evaluate(...)}, "mean": unweighted mean accuracy over the tasks}``."""
+        """The one evaluation loop of every suite: ``{"tasks": {task: evaluate(...)}, "mean": unweighted mean
+        accuracy}``, the tasks evaluated one after the other in ``self.tasks`` order."""
+        recs = {t: self.evaluate(encoder, t, split=split) for t in self.tasks}
+        return {"tasks": recs, "mean": mean_accuracy(recs)}
+
+
+def mean_accuracy(recs: dict) -> float:
+    """The unweighted mean of the records' ``accuracy`` (summed left to right in the records' order)."""
+    return sum(r["accuracy"] for r in recs.values()) / len(recs)
+
+
+def train_step(loss, opt, sched, params, *, max_norm: float = 1.0) -> float:
+    """One optimizer step of a suite's fine-tuning loop: backward of ``loss`` (gradients cleared first), gradient
+    norm of ``params`` clipped to ``max_norm``, ``opt`` then ``sched`` stepped; returns the loss as a float."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+    sched.step()
+    return float(loss.detach())
 
 
 def parse_set_options(pairs) -> dict:

@@ -87,18 +87,9 @@ from pathlib import Path
 from epmq.errors import EPMQError
 from epmq.evaluate import accuracy_record
 from epmq.io import save_safetensors_atomic, write_json_atomic
-from epmq.suites.base import Suite
-from epmq.suites.clip import (
-    SPLITS,
-    HubSuiteMixin,
-    _first_line,
-    _revision,
-    check_hub_options,
-    dataset_commit,
-    datasets_offline,
-    hub_offline,
-    hub_suite_cli,
-)
+from epmq.models.sources import snapshot_revision
+from epmq.suites._hub import DATA_KEY, HUB_DEFAULTS, HubSuite, first_line, hub_suite_cli
+from epmq.suites._hub import SPLITS  # noqa: F401 -- the splits of data_file, part of this module's names
 from epmq.tasks.glue import GLUE_TASKS, format_example, get_glue_task, score, target_text
 
 #: options and their defaults (the paper's FLAN-T5-base GLUE setting).
@@ -106,68 +97,40 @@ DEFAULTS = {
     "base": "google/flan-t5-base",
     "experts": "tanganke/flan-t5-base_glue-{task}",  # format string with {task}, or {task: source}
     "tasks": GLUE_TASKS,
-    "datasets": None,  # {task: local save_to_disk folder (a DatasetDict with the hub's split names)}
     "max_source_length": 512,  # input truncation (tokens, EOS included)
     "max_new_tokens": 9,  # greedy decoding budget (FusionBench: generate(max_length=10))
-    "n_val": 256,  # validation rows carved from train (seeded)
-    "calib_pool": 1024,  # train rows (disjoint from validation) tokenized for calibration draws
-    "max_test": None,  # cap on each reported split (None: all)
     "eval_batch_size": 64,
-    "precision": "fp32",  # evaluation autocast: fp32 | bf16 | fp16
-    "device": "auto",
-    "threads": None,
-    "progress": None,  # None: when stderr is a TTY
-    "data_dir": None,  # datasets cache_dir (None: the HF datasets cache)
-    "revisions": None,  # {"models": {hub id: revision}, "datasets": {hub id: revision}}; None: unpinned
+    **HUB_DEFAULTS,  # datasets, n_val, calib_pool, max_test, precision, device, threads, progress, ...
 }
 FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "bf16", "fp16")
 IGNORE_INDEX = -100
 LABEL_COLUMN = "label"
-_DATA_KEY = "epmq_data"
 
 
-class T5GlueSuite(HubSuiteMixin, Suite):
+class T5GlueSuite(HubSuite):
     """The ``t5-glue`` suite; options (constructor keywords) are listed in :data:`DEFAULTS` and the module doc."""
 
     name = "t5-glue"
     format_version = FORMAT_VERSION
     adapter = "t5"
+    has_heads = False
+    DEFAULTS = DEFAULTS
+    INT_OPTIONS = (("max_source_length", 2), ("max_new_tokens", 1), ("n_val", 1), ("calib_pool", 1),
+                   ("eval_batch_size", 1))
+    task_lookup = staticmethod(get_glue_task)
     #: keys the merge leaves at the base's value: none (``lm_head`` is merged, as FusionBench merges the whole
     #: state dict; the default exclusion list of :mod:`epmq.merge.driver` would keep the base's ``lm_head``)
     merge_exclude: tuple[str, ...] = ()
 
     def __init__(self, cache_dir, *, seed: int = 0, **options):
-        unknown = sorted(set(options) - set(DEFAULTS))
-        if unknown:
-            raise EPMQError(f"t5-glue suite: unknown option(s) {unknown}; expected some of {sorted(DEFAULTS)}")
         super().__init__(cache_dir, seed=seed, **options)
-        cfg = {**DEFAULTS, **options}
-        if cfg["precision"] not in PRECISIONS:
-            raise EPMQError(f"t5-glue suite: precision={cfg['precision']!r}: expected one of {list(PRECISIONS)}")
-        tasks = check_hub_options(cfg, "t5-glue suite", get_glue_task,
-                                  (("max_source_length", 2), ("max_new_tokens", 1), ("n_val", 1), ("calib_pool", 1),
-                                   ("eval_batch_size", 1)))
-        self.cfg = cfg
-        self.tasks = tasks
-        self._check_revisions("t5-glue suite")
-        self._base_sd = None
         self._tok = None
-        self._device_cache = None
-        if cfg["threads"]:
-            import torch
-
-            torch.set_num_threads(int(cfg["threads"]))
 
     # -- paths: the Suite layout (head_path is never written: no heads, the LM head is part of the model) ----
 
     def model_sources(self) -> list[str]:
         """Every model source this suite reads (base, then the experts), in order."""
         return [str(self.cfg["base"])] + [self.expert_source(t) for t in self.tasks]
-
-    def hub_dataset_id(self, task: str) -> str:
-        """The hub dataset ``task`` reads unless given a local folder (``nyu-mll/glue`` for every task)."""
-        return get_glue_task(task).hf_dataset
 
     def _base_folder(self) -> Path:
         """The base's folder, at the commit ``base.json`` recorded when there is one (tokenizer and config then
@@ -188,7 +151,7 @@ class T5GlueSuite(HubSuiteMixin, Suite):
                 self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
             except Exception as e:  # noqa: BLE001 -- missing/corrupt tokenizer files: one message
                 raise EPMQError(f"base {self.cfg['base']!r}: cannot load its tokenizer from {folder} "
-                                f"({type(e).__name__}: {_first_line(e)})") from e
+                                f"({type(e).__name__}: {first_line(e)})") from e
         return self._tok
 
     # -- base -----------------------------------------------------------------------------------------------
@@ -215,7 +178,7 @@ class T5GlueSuite(HubSuiteMixin, Suite):
         model = load_t5(folder)
         sd = {k: (v.float() if v.is_floating_point() else v) for k, v in unique_state_dict(model).items()}
         meta = {"what": "base", "key": self._base_key(), "source": str(self.cfg["base"]), "folder": str(folder),
-                "revision": _revision(folder), "revision_pinned": self.model_revision(base), "config": raw,
+                "revision": snapshot_revision(folder), "revision_pinned": self.model_revision(base), "config": raw,
                 "head_tied": t5_head_tied(raw),
                 "n_params": int(sum(v.numel() for v in sd.values())), "seconds": time.perf_counter() - t0,
                 "suite_config": self.config()}
@@ -230,9 +193,6 @@ class T5GlueSuite(HubSuiteMixin, Suite):
 
             self._base_sd = load_state_dict(self.build_base())
         return self._base_sd
-
-    def base_encoder(self):
-        return self.load_encoder(self.build_base())
 
     # -- models ---------------------------------------------------------------------------------------------
     def new_encoder(self):
@@ -261,7 +221,7 @@ class T5GlueSuite(HubSuiteMixin, Suite):
     def _expert_key(self, task: str) -> dict:
         return {"source": self.expert_source(task), "base": self._base_key(), "format": FORMAT_VERSION}
 
-    def _build_base_file(self) -> Path:
+    def build_base_weights(self) -> Path:
         return self.build_base()  # the base is its weights alone (no heads)
 
     def _import_expert(self, folder: Path, task: str, src: str) -> dict:
@@ -276,47 +236,23 @@ class T5GlueSuite(HubSuiteMixin, Suite):
     def _expert_meta(self, task: str) -> dict:
         return {}
 
-    def build_all(self) -> dict:
-        out = {"base": self.build_base(), "experts": {}}
-        for t in self.tasks:
-            out["experts"][t] = self.build_expert(t)
-        return out
-
     # -- data -----------------------------------------------------------------------------------------------
-    def dataset_source(self, task: str) -> str:
-        local = (self.cfg["datasets"] or {}).get(task)
-        if local is not None:
-            return str(local)
-        t = get_glue_task(task)
-        return f"{t.hf_dataset}:{t.hf_config}"
-
-    def _hf_split(self, task: str, which: str) -> str:
+    def hf_split(self, task: str, which: str) -> str:
+        """The GLUE split read for ``which``: the task's ``eval_split`` for ``"test"``, else ``train``."""
         return get_glue_task(task).eval_split if which == "test" else "train"
 
-    def _dataset(self, task: str, which: str, *, download_mode=None):
-        """The raw dataset of ``task``'s reported split (``which="test"``) or its train split."""
-        t = get_glue_task(task)
-        split = self._hf_split(task, which)
-        return self._hf_dataset(
-            task, t.hf_dataset, t.hf_config, split, (*t.fields, LABEL_COLUMN),
-            name=f"'{t.hf_dataset}' ({t.hf_config})", source=f"{self.dataset_source(task)} [{split}]",
-            fetch_hint="run `python -m epmq.suites.glue_t5 fetch`", download_mode=download_mode)
+    def dataset_columns(self, task: str) -> tuple[str, ...]:
+        """The columns ``task``'s dataset must have: its text fields and ``label``."""
+        return (*get_glue_task(task).fields, LABEL_COLUMN)
 
     def _data_key(self, task: str, split: str) -> dict:
-        key = {"source": self.dataset_source(task), "hf_split": self._hf_split(task, split),
-               "base": str(self.cfg["base"]), "max_source_length": self.cfg["max_source_length"],
-               "seed": self.seed, "format": FORMAT_VERSION}
-        if split == "test":
-            key["max_test"] = self.cfg["max_test"]
-        else:
-            key["n_val"] = self.cfg["n_val"]
-            if split == "train":
-                key["calib_pool"] = self.cfg["calib_pool"]
-        return key
+        return {"source": self.dataset_source(task), "hf_split": self.hf_split(task, split),
+                "base": str(self.cfg["base"]), "max_source_length": self.cfg["max_source_length"],
+                "seed": self.seed, "format": FORMAT_VERSION, **self.split_key(split)}
 
     def _build_data(self, task: str, split: str, path: Path, key: dict) -> None:
         """Tokenize ``task``/``split`` (``test`` = GLUE validation) once (see
-        :meth:`~epmq.suites.clip.HubSuiteMixin.data_file`)."""
+        :meth:`~epmq.suites._hub.HubSuite.data_file`)."""
         import numpy as np
         import torch
 
@@ -344,7 +280,7 @@ class T5GlueSuite(HubSuiteMixin, Suite):
         labels = torch.tensor(gold, dtype=torch.float32 if t.is_regression else torch.int64)
         tensors = {"input_ids": ids, "input_offsets": offsets, "target_ids": tids, "target_offsets": toffsets,
                    "labels": labels, "indices": torch.from_numpy(idx)}
-        save_safetensors_atomic(path, tensors, {_DATA_KEY: json.dumps(key, sort_keys=True)})
+        save_safetensors_atomic(path, tensors, {DATA_KEY: json.dumps(key, sort_keys=True)})
         write_json_atomic(path.with_suffix(".json"), {
             "what": "tokenized prompts and targets", "task": task, "split": split, "key": key, "n": n,
             "n_source_rows": len(ds), **self._dataset_provenance(task, ds),
@@ -452,40 +388,6 @@ class T5GlueSuite(HubSuiteMixin, Suite):
         gold = self.labels(task, split).tolist()
         return glue_record(task, split, score(task, preds, gold))
 
-    def evaluate_all(self, encoder, *, split: str = "test") -> dict:
-        """``{"tasks": {task: record}, "mean": unweighted mean of the records' ``accuracy``}``."""
-        recs = {t: self.evaluate(encoder, t, split=split) for t in self.tasks}
-        return {"tasks": recs, "mean": sum(r["accuracy"] for r in recs.values()) / len(recs)}
-
-    # -- downloads ------------------------------------------------------------------------------------------
-    def prefetch(self, *, preprocess: bool = True) -> dict:
-        """Download (or, offline, check) the base, every expert and every task's train and reported split, so
-        that later jobs need no internet; raises ONE :class:`EPMQError` listing everything missing. With
-        ``preprocess`` (the workflow's fetch rule) also tokenizes every split into ``data/``."""
-        problems, models = [], self.model_sources()
-        revisions = {"models": self._prefetch_models(problems), "datasets": {}}
-        for t in self.tasks:
-            for which in ("train", "test"):
-                try:
-                    d = self._dataset(t, which, download_mode="reuse_cache_if_exists")
-                except EPMQError as e:
-                    why = "" if "offline" in str(e) or "could not be loaded" in str(e) else f" ({_first_line(e)[:120]})"
-                    problems.append(f"dataset {self.dataset_source(t)} [{self._hf_split(t, which)}] ({t}){why}")
-                    continue
-                if self._local_dataset(t) is None:
-                    revisions["datasets"][self.hub_dataset_id(t)] = dataset_commit(d)
-        if problems:
-            where = "offline: not in the local caches" if (hub_offline() or datasets_offline()) else "unavailable"
-            raise EPMQError(f"t5-glue suite: {len(problems)} source(s) {where}: " + "; ".join(problems)
-                            + " -- run `python -m epmq.suites.glue_t5 fetch` with internet (same HF_HOME), or pass "
-                            "local folders")
-        if preprocess:
-            for t in self.tasks:
-                for split in SPLITS:
-                    self.data_file(t, split)
-        return {"models": models, "datasets": {t: self.dataset_source(t) for t in self.tasks},
-                "revisions": revisions, "revisions_pinned": self.cfg["revisions"]}
-
 
 def glue_record(task: str, split: str, scores: dict) -> dict:
     """An evaluation record from :func:`epmq.tasks.glue.score`'s fractions: ``accuracy`` holds the task's
@@ -508,17 +410,11 @@ def glue_record(task: str, split: str, scores: dict) -> dict:
     return accuracy_record(task, split, round(scores["accuracy"] * n), n, **extra)
 
 
-def fetch(cache_dir, *, seed: int = 0, preprocess: bool = True, **options) -> dict:
-    """Module-level :meth:`T5GlueSuite.prefetch`."""
-    return T5GlueSuite(cache_dir, seed=seed, **options).prefetch(preprocess=preprocess)
-
-
 # --------------------------------------------------------------------------------------------- CLI
 
 
 def main(argv=None) -> int:
-    return hub_suite_cli(argv, module="glue_t5", doc=__doc__, name="t5-glue", suite_cls=T5GlueSuite, fetch_fn=fetch,
-                         base_label="base", width=8, preprocess_flag=False)
+    return hub_suite_cli(T5GlueSuite, argv, doc=__doc__, base_label="base", width=8, preprocess_flag=False)
 
 
 if __name__ == "__main__":

