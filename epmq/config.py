@@ -16,6 +16,7 @@ Identifiers used in file paths:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -78,28 +79,49 @@ def check_group_size(where: str, group_size) -> int:
     return int(group_size)
 
 
-def _literal_defaults(module: str) -> dict | None:
-    """A module's ``DEFAULTS`` dict read from its source (no import: a suite module may import torch); names
-    bound to literals earlier in the module are resolved, others (imports) read as None (= any value)."""
+def _literal_env(module: str, _seen=()) -> dict:
+    """The names a module binds to literals, read from its source (no import: a suite module may import torch).
+    Names used in a literal resolve to earlier bindings or to literals imported from other ``epmq`` modules
+    (``from epmq.suites._hub import HUB_DEFAULTS``); a dict may unpack one (``{**HUB_DEFAULTS, ...}``); anything
+    else reads as None (= any value)."""
     import ast
     import importlib.util
 
     spec = importlib.util.find_spec(module)
-    if spec is None or not spec.origin:
-        return None
+    if spec is None or not spec.origin or module in _seen:
+        return {}
     env: dict = {}
 
     class Names(ast.NodeTransformer):
         def visit_Name(self, node):
             return ast.copy_location(ast.Constant(env.get(node.id)), node)
 
+    def value(node):
+        if isinstance(node, ast.Dict) and None in node.keys:  # {**other, "k": v}: literal_eval refuses it
+            out = {}
+            for k, v in zip(node.keys, node.values):
+                if k is None:
+                    out.update(value(v) or {})
+                else:
+                    out[value(k)] = value(v)
+            return out
+        return ast.literal_eval(node)
+
     for node in ast.parse(Path(spec.origin).read_text()).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("epmq."):
+            other = _literal_env(node.module, (*_seen, module))
+            env.update({a.asname or a.name: other[a.name] for a in node.names if a.name in other})
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             try:
-                env[node.targets[0].id] = ast.literal_eval(Names().visit(node.value))
-            except ValueError:
+                env[node.targets[0].id] = value(Names().visit(node.value))
+            except (ValueError, TypeError):
                 continue
-    return env.get("DEFAULTS")
+    return env
+
+
+def _literal_defaults(module: str) -> dict | None:
+    """A module's ``DEFAULTS`` dict read from its source (:func:`_literal_env`)."""
+    return _literal_env(module).get("DEFAULTS")
 
 
 def suite_defaults(kind: str) -> dict | None:
@@ -251,11 +273,24 @@ def _suite_tasks(kind: str, options: dict) -> list[str]:
 
 def expand(config: dict) -> Grid:
     """Validate ``config`` (already schema-checked and defaulted) against the registries; expand the grid."""
-    SUITES, MERGES, QUANTS = _registries()
     for key in ("suites", "merges", "quantize", "calibration"):
         if key not in config:
             raise EPMQError(f"config: missing section {key!r}")
     grid = Grid(config=config)
+    _expand_suites(grid, config)
+    from epmq.report.anchors import normalize_anchors  # cheap: no matplotlib, no torch
+
+    check_anchor_suites(config, grid.suites)
+    grid.anchors = normalize_anchors(config.get("anchors") or {}, "anchors")
+    _expand_merges(grid, config)
+    _Runs(grid, config).expand()
+    return grid
+
+
+def _expand_suites(grid: Grid, config: dict) -> None:
+    """``suites:``: each type registered, its options those of the type and of their defaults' types, its tasks
+    and its own quantizer knobs."""
+    SUITES, _, _ = _registries()
     for sid, s in config["suites"].items():
         _check_id("suite", sid)
         s = s or {}
@@ -279,11 +314,11 @@ def expand(config: dict) -> Grid:
                             "quantize": own}
     if not grid.suites:
         raise EPMQError("config: suites: is empty")
-    from epmq.report.anchors import normalize_anchors  # cheap: no matplotlib, no torch
 
-    check_anchor_suites(config, grid.suites)
-    grid.anchors = normalize_anchors(config.get("anchors") or {}, "anchors")
 
+def _expand_merges(grid: Grid, config: dict) -> None:
+    """``merges:``: each method registered, its parameters and candidates of its defaults' types."""
+    _, MERGES, _ = _registries()
     for mid, m in config["merges"].items():
         _check_id("merge", mid)
         m = m or {}
@@ -292,11 +327,10 @@ def expand(config: dict) -> Grid:
             raise EPMQError(f"merges.{mid}.method={method!r}: expected one of {sorted(MERGES)}")
         params = dict(sorted((m.get("params") or {}).items()))
         select = {k: list(v) for k, v in sorted((m.get("select") or {}).items())}
-        known = set(MERGES[method].defaults)
-        for k in [*params, *select]:
-            if k not in known:
-                raise EPMQError(f"merges.{mid}: {k!r} is not a parameter of {method} (has {sorted(known)})")
         defaults = MERGES[method].defaults
+        for k in [*params, *select]:
+            if k not in defaults:
+                raise EPMQError(f"merges.{mid}: {k!r} is not a parameter of {method} (has {sorted(defaults)})")
         for k, v in params.items():
             check_like(f"merges.{mid}.params.{k}", v, defaults[k])
         for k, v in select.items():
@@ -308,74 +342,85 @@ def expand(config: dict) -> Grid:
     if not grid.merges:
         raise EPMQError("config: merges: is empty")
 
-    q = config["quantize"]
-    check_quant_knobs("quantize.params", q.get("params", {}))
-    seeds = [int(s) for s in config["calibration"]["seeds"]]
-    if not seeds:
-        raise EPMQError("calibration.seeds: empty list")
 
-    def check_methods(where, methods):
+class _Runs:
+    """``quantize:`` expanded into the grid's quantized runs: the main grid, then the ablations, then each sweep
+    (a run already present is not added twice: runs are equal when their ids are)."""
+
+    def __init__(self, grid: Grid, config: dict):
+        _, _, self.quants = _registries()
+        self.grid, self.q = grid, config["quantize"]
+        check_quant_knobs("quantize.params", self.q.get("params", {}))
+        self.seeds = [int(s) for s in config["calibration"]["seeds"]]
+        if not self.seeds:
+            raise EPMQError("calibration.seeds: empty list")
+
+    def methods(self, where, methods):
         for meth in methods:
-            if meth not in QUANTS:
-                raise EPMQError(f"{where}: method {meth!r}: expected one of {sorted(QUANTS)}")
+            if meth not in self.quants:
+                raise EPMQError(f"{where}: method {meth!r}: expected one of {sorted(self.quants)}")
 
-    def check_merges(where, merges):
+    def merges(self, where, merges):
+        merges = merges or list(self.grid.merges)
         for mid in merges:
-            if mid not in grid.merges:
-                raise EPMQError(f"{where}: merge {mid!r} is not a key of merges: ({sorted(grid.merges)})")
+            if mid not in self.grid.merges:
+                raise EPMQError(f"{where}: merge {mid!r} is not a key of merges: ({sorted(self.grid.merges)})")
+        return merges
 
-    def check_suites(where, suites):
+    def suites(self, where, suites):
         for sid in suites or []:
-            if sid not in grid.suites:
-                raise EPMQError(f"{where}: suite {sid!r} is not a key of suites: ({sorted(grid.suites)})")
+            if sid not in self.grid.suites:
+                raise EPMQError(f"{where}: suite {sid!r} is not a key of suites: ({sorted(self.grid.suites)})")
+        return suites
 
-    def check_seeds(where, subset):
+    def run_seeds(self, where, subset):
         if subset is None:
-            return seeds
+            return self.seeds
         for s in subset:
-            if int(s) not in seeds:
-                raise EPMQError(f"{where}.seeds: {s} is not one of calibration.seeds {seeds}")
+            if int(s) not in self.seeds:
+                raise EPMQError(f"{where}.seeds: {s} is not one of calibration.seeds {self.seeds}")
         return [int(s) for s in subset]
 
-    def add(methods, bits_list, groups, merges, variant=(), suites=None, run_seeds=None):
-        run_seeds = run_seeds or seeds
-        for sid in suites or grid.suites:
-            for mid in merges:
-                for meth in methods:
-                    for bits in bits_list:
-                        for g in groups:
-                            for seed in (run_seeds if QUANTS[meth].needs_calibration else run_seeds[:1]):
-                                run = QuantRun(sid, mid, meth, int(bits), int(g), seed, tuple(variant))
-                                if run not in grid.by_id:  # runs are equal when their ids (paths) are
-                                    grid.by_id[run] = run
-                                    grid.runs.append(run)
+    def add(self, methods, bits_list, merges, variant=(), suites=None, run_seeds=None):
+        run_seeds = run_seeds or self.seeds
+        grid = self.grid
+        for sid, mid, meth, bits, g in itertools.product(suites or grid.suites, merges, methods, bits_list,
+                                                       self.q["group_size"]):
+            for seed in (run_seeds if self.quants[meth].needs_calibration else run_seeds[:1]):
+                run = QuantRun(sid, mid, meth, int(bits), int(g), seed, tuple(variant))
+                if run not in grid.by_id:  # runs are equal when their ids (paths) are
+                    grid.by_id[run] = run
+                    grid.runs.append(run)
 
-    check_methods("quantize.methods", q["methods"])
-    add(q["methods"], q["bits"], q["group_size"], list(grid.merges))
-    ab = q.get("ablations") or {}
-    if ab.get("methods"):
-        check_methods("quantize.ablations.methods", ab["methods"])
-        check_merges("quantize.ablations.merges", ab.get("merges") or list(grid.merges))
-        check_suites("quantize.ablations.suites", ab.get("suites"))
-        add(ab["methods"], ab.get("bits") or q["bits"], q["group_size"], ab.get("merges") or list(grid.merges),
-            suites=ab.get("suites"), run_seeds=check_seeds("quantize.ablations", ab.get("seeds")))
-    for i, sw in enumerate(q.get("sweeps") or []):
-        where = f"quantize.sweeps[{i}]"
-        check_methods(where, [sw["method"]])
+    def expand(self) -> None:
+        q = self.q
+        self.methods("quantize.methods", q["methods"])
+        self.add(q["methods"], q["bits"], list(self.grid.merges))
+        ab = q.get("ablations") or {}
+        if ab.get("methods"):
+            self.methods("quantize.ablations.methods", ab["methods"])
+            merges = self.merges("quantize.ablations.merges", ab.get("merges"))
+            self.add(ab["methods"], ab.get("bits") or q["bits"], merges,
+                     suites=self.suites("quantize.ablations.suites", ab.get("suites")),
+                     run_seeds=self.run_seeds("quantize.ablations", ab.get("seeds")))
+        for i, sw in enumerate(q.get("sweeps") or []):
+            self.sweep(f"quantize.sweeps[{i}]", sw)
+        for b in {r.bits for r in self.grid.runs}:
+            if not 2 <= b <= 8:
+                raise EPMQError(f"bits={b}: expected 2..8")
+
+    def sweep(self, where: str, sw: dict) -> None:
+        self.methods(where, [sw["method"]])
         if sw["param"] not in QUANT_KNOBS:
             raise EPMQError(f"{where}.param={sw['param']!r}: expected one of {list(QUANT_KNOBS)}")
-        check_merges(where, sw.get("merges") or list(grid.merges))
-        check_suites(where, sw.get("suites"))
-        sw_seeds = check_seeds(where, sw.get("seeds"))
+        merges = self.merges(where, sw.get("merges"))
+        suites = self.suites(where, sw.get("suites"))
+        sw_seeds = self.run_seeds(where, sw.get("seeds"))
         for j, v in enumerate(sw["values"]):
             check_quant_knobs(f"{where}.values[{j}]", {sw["param"]: v})
             check_path_component(f"{where}.values[{j}]", fmt_value(v))
-            add([sw["method"]], sw.get("bits") or q["bits"], q["group_size"], sw.get("merges") or list(grid.merges),
-                ((sw["param"], v),), suites=sw.get("suites"), run_seeds=sw_seeds)
-    for b in {r.bits for r in grid.runs}:
-        if not 2 <= b <= 8:
-            raise EPMQError(f"bits={b}: expected 2..8")
-    return grid
+            self.add([sw["method"]], sw.get("bits") or self.q["bits"], merges, ((sw["param"], v),), suites=suites,
+                     run_seeds=sw_seeds)
 
 
 def check_anchor_suites(config: dict, suites) -> None:
