@@ -634,36 +634,9 @@ def _jsonable(config: dict) -> dict:
     return config
 
 
-def save_quantized(
-    model: nn.Module,
-    results: dict[str, QuantResult],
-    path_dir,
-    *,
-    config: dict | None = None,
-    verify: bool = True,
-) -> dict:
-    """Write a packed checkpoint of ``model`` to ``path_dir`` (``model.safetensors`` + ``quant_config.json``).
-
-    ``results`` maps full parameter names (as in ``model.state_dict()``) to their :class:`QuantResult`.  The
-    model's own values of those parameters are ignored; every other state-dict tensor is stored as is (its
-    dtype kept); a refitted ``result.bias`` (float32) replaces the bias tensor (``<owner>.bias`` for
-    ``weight``, ``in_proj_bias`` for ``in_proj_weight``).  A plain ``nn.Linear`` without bias may receive a
-    refitted bias (recorded as ``bias_added``).  ``config`` (JSON-serializable: method, merge, calibration
-    provenance, ...) is stored under ``"config"``.  With ``verify`` every packed weight is checked bit-exact to
-    ``result.weight``.  Returns :func:`checkpoint_size_report`.
-    """
-    from safetensors.torch import save_file
-
-    config = _jsonable({} if config is None else config)
-    if not isinstance(results, dict) or not results:
-        raise EPMQError("results: expected a non-empty dict {parameter name: QuantResult}")
-    sd = model.state_dict()
-    for k, v in sd.items():
-        if not isinstance(v, torch.Tensor):
-            raise EPMQError(f"state_dict[{k!r}]: {type(v).__name__} cannot be stored in safetensors")
-    if any(isinstance(m, (QuantLinear, PackedParam)) for m in model.modules()):
-        raise EPMQError("model: already holds packed quantized modules; save the unquantized architecture")
-
+def _pack_all(model, results: dict, sd: dict, verify: bool) -> tuple[dict, dict, dict]:
+    """(packed tensors by checkpoint key, per-parameter metadata, refitted biases) of every result, checked
+    against the model."""
     out: dict[str, torch.Tensor] = {}
     params_meta: dict[str, dict] = {}
     refit: dict[str, torch.Tensor] = {}
@@ -718,6 +691,12 @@ def save_quantized(
             "bias_added": bias_added,
         }
 
+    return out, params_meta, refit
+
+
+def _add_others(out: dict, sd: dict, results: dict, refit: dict) -> None:
+    """Every tensor of ``sd`` that is not quantized into ``out`` (refitted biases in place of the model's; tied
+    tensors as copies: safetensors stores no shared storage), then the biases a bias-free Linear gains."""
     seen_storages: set[int] = set()
     for k, v in sd.items():
         if k in results:
@@ -732,6 +711,40 @@ def save_quantized(
     for k, t in refit.items():
         if k not in sd:
             out[k] = t
+
+
+def save_quantized(
+    model: nn.Module,
+    results: dict[str, QuantResult],
+    path_dir,
+    *,
+    config: dict | None = None,
+    verify: bool = True,
+) -> dict:
+    """Write a packed checkpoint of ``model`` to ``path_dir`` (``model.safetensors`` + ``quant_config.json``).
+
+    ``results`` maps full parameter names (as in ``model.state_dict()``) to their :class:`QuantResult`.  The
+    model's own values of those parameters are ignored; every other state-dict tensor is stored as is (its
+    dtype kept); a refitted ``result.bias`` (float32) replaces the bias tensor (``<owner>.bias`` for
+    ``weight``, ``in_proj_bias`` for ``in_proj_weight``).  A plain ``nn.Linear`` without bias may receive a
+    refitted bias (recorded as ``bias_added``).  ``config`` (JSON-serializable: method, merge, calibration
+    provenance, ...) is stored under ``"config"``.  With ``verify`` every packed weight is checked bit-exact to
+    ``result.weight``.  Returns :func:`checkpoint_size_report`.
+    """
+    from safetensors.torch import save_file
+
+    config = _jsonable({} if config is None else config)
+    if not isinstance(results, dict) or not results:
+        raise EPMQError("results: expected a non-empty dict {parameter name: QuantResult}")
+    sd = model.state_dict()
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise EPMQError(f"state_dict[{k!r}]: {type(v).__name__} cannot be stored in safetensors")
+    if any(isinstance(m, (QuantLinear, PackedParam)) for m in model.modules()):
+        raise EPMQError("model: already holds packed quantized modules; save the unquantized architecture")
+
+    out, params_meta, refit = _pack_all(model, results, sd, verify)
+    _add_others(out, sd, results, refit)
 
     path_dir = Path(path_dir)
     path_dir.mkdir(parents=True, exist_ok=True)
@@ -803,9 +816,21 @@ def load_quantized(model: nn.Module, path_dir, *, cache_weight: bool = False) ->
     Missing / unexpected keys, shape or dtype mismatches and format problems raise :class:`EPMQError` naming
     the key or file.  Returns the model (a new object only when the root itself is a quantized Linear).
     """
+    cfg, wpath, tensors = _read_packed_file(Path(path_dir))
+    if any(isinstance(m, (QuantLinear, PackedParam)) for m in model.modules()):
+        raise EPMQError("model: already holds packed quantized modules; pass the unquantized architecture")
+    sd = model.state_dict()
+    params: dict = cfg["params"]
+    packed_all, added_bias = _take_packed(model, sd, params, tensors, wpath)
+    _load_others(model, sd, params, tensors, wpath)
+    return _install_packed(model, params, packed_all, added_bias, cache_weight)
+
+
+def _read_packed_file(path_dir: Path) -> tuple[dict, Path, dict[str, torch.Tensor]]:
+    """(config, weights path, every tensor) of a packed checkpoint folder, its two files checked to belong
+    together."""
     from safetensors.torch import load_file
 
-    path_dir = Path(path_dir)
     cfg = _read_config(path_dir)
     wpath = path_dir / cfg.get("weights_file", WEIGHTS_FILE)
     if not wpath.is_file():
@@ -819,11 +844,11 @@ def load_quantized(model: nn.Module, path_dir, *, cache_weight: bool = False) ->
         tensors = load_file(str(wpath), device="cpu")
     except Exception as e:  # safetensors raises its own error types
         raise EPMQError(f"{wpath}: cannot be loaded by safetensors ({type(e).__name__}: {e})") from None
+    return cfg, wpath, tensors
 
-    if any(isinstance(m, (QuantLinear, PackedParam)) for m in model.modules()):
-        raise EPMQError("model: already holds packed quantized modules; pass the unquantized architecture")
-    sd = model.state_dict()
-    params: dict = cfg["params"]
+
+def _take_packed(model, sd, params: dict, tensors: dict, wpath: Path) -> tuple[dict, dict]:
+    """Each quantized parameter's packed tensors (validated) and added bias, taken out of ``tensors``."""
     packed_all: dict[str, dict[str, torch.Tensor]] = {}
     added_bias: dict[str, torch.Tensor] = {}
     for name, m in params.items():
@@ -863,7 +888,11 @@ def load_quantized(model: nn.Module, path_dir, *, cache_weight: bool = False) ->
             if tuple(b.shape) != (rows,) or not b.is_floating_point():
                 raise EPMQError(f"{bk}: expected float of shape ({rows},), got {_describe(b)}")
             added_bias[name] = b
+    return packed_all, added_bias
 
+
+def _load_others(model, sd, params: dict, tensors: dict, wpath: Path) -> None:
+    """Every non-quantized tensor into ``model`` (``load_state_dict`` semantics), keys and shapes checked."""
     expected = [k for k in sd if k not in params]
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in sd or k in params]
@@ -883,43 +912,36 @@ def load_quantized(model: nn.Module, path_dir, *, cache_weight: bool = False) ->
             f"{wpath}: load_state_dict disagreed (missing {result.missing_keys}, unexpected {result.unexpected_keys})"
         )
 
+
+def _install_packed(model, params: dict, packed_all: dict, added_bias: dict, cache_weight: bool) -> nn.Module:
+    """Replace each quantized plain Linear by a :class:`QuantLinear`, parametrize every other quantized
+    parameter; returns the model (a new object only when the root itself is a quantized Linear)."""
     root = model
     for name, m in params.items():
         packed = packed_all[name]
         owner_path, leaf = _split(name)
         owner = _get_module(model, owner_path, what=name)
         param = owner._parameters[leaf]
-        if _is_plain_linear_weight(owner, leaf):
-            rows, cols = param.shape
-            q = QuantLinear(
-                cols,
-                rows,
-                m["bits"],
-                m["group_size"],
-                m["sym"],
-                bias=False,
-                n_groups=int(m["n_groups"]),
-                zeros_dtype=packed["zeros"].dtype,
-                act_order=m["act_order"],
-                cache_weight=cache_weight,
-                dtype=param.dtype,
-                device=param.device,
-            )
-            q._set_packed(packed, name=name)
-            if name in added_bias:
-                q.bias = nn.Parameter(added_bias[name].to(device=param.device, dtype=param.dtype))
-            else:
-                q.bias = owner.bias  # already loaded (refitted or original); None stays None
-            q.train(owner.training)
-            if owner_path:
-                parent_path, child = _split(owner_path)
-                setattr(_get_module(model, parent_path, what=name), child, q)
-            else:
-                root = q
-        else:
+        if not _is_plain_linear_weight(owner, leaf):
             quantize_parameter(
                 model, name, packed, bits=m["bits"], group_size=m["group_size"], sym=m["sym"], cache_weight=cache_weight
             )
+            continue
+        rows, cols = param.shape
+        q = QuantLinear(cols, rows, m["bits"], m["group_size"], m["sym"], bias=False, n_groups=int(m["n_groups"]),
+                        zeros_dtype=packed["zeros"].dtype, act_order=m["act_order"], cache_weight=cache_weight,
+                        dtype=param.dtype, device=param.device)
+        q._set_packed(packed, name=name)
+        if name in added_bias:
+            q.bias = nn.Parameter(added_bias[name].to(device=param.device, dtype=param.dtype))
+        else:
+            q.bias = owner.bias  # already loaded (refitted or original); None stays None
+        q.train(owner.training)
+        if owner_path:
+            parent_path, child = _split(owner_path)
+            setattr(_get_module(model, parent_path, what=name), child, q)
+        else:
+            root = q
     return root
 
 
