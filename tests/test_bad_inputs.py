@@ -187,3 +187,23 @@ def test_an_evaluation_record_missing_a_task_is_refused_by_the_report(tmp_path):
     # an expert scored on its own task only is fine
     (tmp_path / "e.json").write_text(json.dumps(make_run("expert", {"mnist": 99.0}, expert_task="mnist")))
     assert len(load_runs([paths[0], tmp_path / "e.json"], complete=True)) == 2
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda sd: sd.pop(next(iter(sd))), r"merged.safetensors: state dict mismatch \(missing \["),
+    (lambda sd: sd.update(extra=torch.zeros(1)), r"merged.safetensors: state dict mismatch \(missing \[\], unexpected \['extra'\]"),
+    (lambda sd: sd.update({k: torch.zeros(3, 3) for k in [next(iter(sd))]}), r"merged.safetensors: key '.*' has shape \(3, 3\)"),
+])
+def test_a_checkpoint_with_wrong_keys_or_shapes_is_named_in_one_line(tmp_path, damage, message):
+    """A damaged or foreign weights file read by a suite: one line naming the file and the first bad key."""
+    from safetensors.torch import save_file
+
+    from epmq.suites import get_suite
+
+    suite = get_suite("tiny-vit", tmp_path / "cache", width=16, layers=1, heads=2, output_dim=8)
+    sd = dict(suite.new_encoder().state_dict())
+    damage(sd)
+    path = tmp_path / "merged.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    with pytest.raises(EPMQError, match=message):
+        suite.load_encoder(path)

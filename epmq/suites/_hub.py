@@ -6,9 +6,9 @@ in :meth:`HubSuite.prefetch` (the workflow's fetch rule; offline it only checks 
 top of :class:`epmq.suites.base.Suite`:
 
 * ``DEFAULTS``: ``base``, ``experts``, ``tasks`` and its own options, plus :data:`HUB_DEFAULTS` (``datasets``,
-  ``n_val``, ``calib_pool``, ``max_test``, ``precision``, ``device``, ``threads``, ...); ``INT_OPTIONS`` (the integer options and their lowest values), ``format_version``, ``task_lookup`` (the task
-  registry's lookup, e.g. :func:`epmq.tasks.clip.get_task`) and :meth:`HubSuite.check_options` for its own
-  options;
+  ``n_val``, ``calib_pool``, ``max_test``, ``precision``, ``device``, ``threads``, ...); ``INT_OPTIONS`` (the
+  integer options and their lowest values), ``format_version``, ``task_lookup`` (the task registry's lookup,
+  e.g. :func:`epmq.tasks.clip.get_task`) and :meth:`HubSuite.check_options` for its own options;
 * ``model_sources()`` (every model source, base first), ``hf_split(task, which)`` (the hub split read for
   ``which`` = ``"train"`` | ``"test"``) and ``dataset_columns(task)`` (the columns its dataset must have);
 * the expert import: ``_expert_key(task)``, ``_import_expert(folder, task, source)``, ``_expert_meta(task)``

@@ -161,6 +161,22 @@ class Suite(ABC):
         return {"tasks": recs, "mean": mean_accuracy(recs)}
 
 
+def load_checked(model, sd, who: str, *, ignore=lambda key: False):
+    """``sd`` loaded into ``model`` (eval mode) after checking, in one line naming ``who``, that its keys are the
+    model's (keys for which ``ignore(key)`` holds may be absent or extra) and every shape matches: a damaged
+    or foreign checkpoint is named, never half-loaded or reported as torch's multi-line error."""
+    ref = model.state_dict()
+    absent = [k for k in ref if k not in sd and not ignore(k)]
+    extra = [k for k in sd if k not in ref and not ignore(k)]
+    if absent or extra:
+        raise EPMQError(f"{who}: state dict mismatch (missing {absent[:3]}, unexpected {extra[:3]})")
+    for k, v in ref.items():
+        if k in sd and tuple(sd[k].shape) != tuple(v.shape):
+            raise EPMQError(f"{who}: key '{k}' has shape {tuple(sd[k].shape)}, the encoder has {tuple(v.shape)}")
+    model.load_state_dict({k: v for k, v in sd.items() if k in ref}, strict=False)
+    return model.eval()
+
+
 def mean_accuracy(recs: dict) -> float:
     """The unweighted mean of the records' ``accuracy`` (summed left to right in the records' order)."""
     return sum(r["accuracy"] for r in recs.values()) / len(recs)

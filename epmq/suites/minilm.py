@@ -83,7 +83,7 @@ from epmq.io import save_safetensors_atomic as _save_safetensors
 from epmq.io import stderr_isatty as _isatty
 from epmq.io import write_json_atomic
 from epmq.suites._splits import SPLITS, SplitCache, files_digest
-from epmq.suites.base import Suite, train_step
+from epmq.suites.base import Suite, load_checked, train_step
 
 TASKS = ("tweet_sentiment", "spam", "fine_food", "tweet_device")
 
@@ -270,14 +270,8 @@ class MiniLMSuite(Suite):
         """The encoder (:meth:`new_encoder`, ``BertModel``'s state-dict keys) holding ``weights`` (a safetensors
         path or a state dict), in eval mode."""
         sd = _load_safetensors(Path(weights)) if isinstance(weights, (str, Path)) else weights
-        enc = self.new_encoder()
-        missing, unexpected = enc.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.endswith("position_ids")]
-        unexpected = [k for k in unexpected if not k.endswith("position_ids")]  # a buffer in older checkpoints
-        if missing or unexpected:
-            raise EPMQError(f"{weights if isinstance(weights, (str, Path)) else 'state dict'}: "
-                            f"missing keys {missing[:3]} / unexpected keys {list(unexpected)[:3]}")
-        return enc.eval()
+        return load_checked(self.new_encoder(), sd, str(weights) if isinstance(weights, (str, Path)) else "state dict",
+                            ignore=lambda k: k.endswith("position_ids"))  # a buffer in older checkpoints
 
     def base_state_dict(self) -> dict:
         if self._base_sd is None:

@@ -80,7 +80,7 @@ from epmq.io import save_safetensors_atomic as _save_safetensors
 from epmq.io import stderr_isatty as _isatty
 from epmq.io import write_json_atomic
 from epmq.suites._splits import SplitCache
-from epmq.suites.base import Suite, train_step
+from epmq.suites.base import Suite, load_checked, train_step
 
 #: options and their defaults (the full-size suite); tests pass a tiny configuration.
 DEFAULTS = {
@@ -311,13 +311,8 @@ class TinyViTSuite(Suite):
 
     def load_encoder(self, weights):
         """A new encoder (eval mode) holding ``weights``: a safetensors path or a state dict (strict key match)."""
-        enc = self.new_encoder()
         sd = _load_safetensors(Path(weights)) if isinstance(weights, (str, Path)) else weights
-        missing, unexpected = enc.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            what = weights if isinstance(weights, (str, Path)) else "state dict"
-            raise EPMQError(f"{what}: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return enc.eval()
+        return load_checked(self.new_encoder(), sd, str(weights) if isinstance(weights, (str, Path)) else "state dict")
 
     def _train(self, encoder, head, sample, steps: int, lr: float, what: str):
         """Generic seeded training loop; ``sample(step, gen)`` returns (x, y). Returns (mean loss of last 10%)."""
