@@ -191,8 +191,10 @@ def test_an_evaluation_record_missing_a_task_is_refused_by_the_report(tmp_path):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda sd: sd.pop(next(iter(sd))), r"merged.safetensors: state dict mismatch \(missing \["),
-    (lambda sd: sd.update(extra=torch.zeros(1)), r"merged.safetensors: state dict mismatch \(missing \[\], unexpected \['extra'\]"),
-    (lambda sd: sd.update({k: torch.zeros(3, 3) for k in [next(iter(sd))]}), r"merged.safetensors: key '.*' has shape \(3, 3\)"),
+    (lambda sd: sd.update(extra=torch.zeros(1)),
+     r"merged.safetensors: state dict mismatch \(missing \[\], unexpected \['extra'\]"),
+    (lambda sd: sd.update({k: torch.zeros(3, 3) for k in [next(iter(sd))]}),
+     r"merged.safetensors: key '.*' has shape \(3, 3\)"),
 ])
 def test_a_checkpoint_with_wrong_keys_or_shapes_is_named_in_one_line(tmp_path, damage, message):
     """A damaged or foreign weights file read by a suite: one line naming the file and the first bad key."""
