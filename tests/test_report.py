@@ -561,6 +561,26 @@ def test_sweep_point_on_fewer_seeds_says_so(tmp_path):
     assert rows["lam_w=1 (1 seed)"]["Δ vs GPTQ"] == fmt_delta(point[0] - gptq[0])
 
 
+def test_main_table_delta_on_different_seed_sets_is_paired_and_labelled(tmp_path):
+    """E-PMQ missing a seed in one block (a record not run yet, with ``--partial``): its Δ against GPTQ is the
+    mean per-seed difference over the seeds both have, labelled with their count; other blocks are unchanged."""
+    from epmq.report.tables import fmt_delta
+
+    runs = [r for r in synthetic_runs() if not (r.get("method") == "epmq" and r.get("bits") == 2
+                                                and r.get("merge") == "ties" and r.get("seed") == SEEDS[-1])]
+    out = build_leaderboard(load_runs(write_runs(tmp_path / "evals", runs)), tmp_path / "out", meta={})
+    table = md_section(out["md"].read_text(encoding="utf-8"), SUITE, "Leaderboard")
+    epmq = per_seed_avg(group(runs, "ties", "epmq", 2))
+    gptq = per_seed_avg(group(runs, "ties", "gptq", 2))
+    assert len(epmq) == len(SEEDS) - 1 and len(gptq) == len(SEEDS)
+    paired = sum(e - g for e, g in zip(epmq, gptq)) / len(epmq)  # seeds in order: the first ones are shared
+    n = len(epmq)
+    assert find_row(table, "E-PMQ (2 seeds)", "TIES", "2")["Δ(E-PMQ − GPTQ)"] == f"{fmt_delta(paired)} ({n} seeds)"
+    full = per_seed_avg(group(runs, "ties", "epmq", 4)), per_seed_avg(group(runs, "ties", "gptq", 4))
+    want = fmt_delta(sum(full[0]) / len(full[0]) - sum(full[1]) / len(full[1]))
+    assert find_row(table, "E-PMQ", "TIES", "4")["Δ(E-PMQ − GPTQ)"] == want
+
+
 @pytest.fixture(scope="module")
 def quoted(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("quoted")

@@ -104,6 +104,18 @@ def paired_delta(a: Agg | None, b: Agg | None) -> float | None:
     return sum(a.avg_by_seed[s] - b.avg_by_seed[s] for s in common) / len(common)
 
 
+def _block_delta(a: Agg | None, b: Agg | None) -> str:
+    """The main table's Δ of the headline method over the baseline. On the same seeds: the difference of the
+    means. On different seed sets (a missing record, a method run on fewer seeds): the mean per-seed difference
+    over the seeds both have, labelled with their count, so that no Δ compares different seed sets silently."""
+    if a is None or b is None or set(a.avg_by_seed) == set(b.avg_by_seed):
+        return fmt_delta(delta(a, b))
+    common = set(a.avg_by_seed) & set(b.avg_by_seed)
+    if not common:
+        return DASH
+    return f"{fmt_delta(paired_delta(a, b))} ({len(common)} seed{'s' if len(common) != 1 else ''})"
+
+
 def _task_cells(agg: Agg | None, tasks: list) -> list:
     cells = [stat_cell(agg.cell(t) if agg else EMPTY) for t in tasks]
     return cells + [stat_cell(agg.avg if agg else EMPTY, strong=True)]
@@ -157,7 +169,7 @@ def pivot_table(sd: SuiteData) -> Table:
                 cells += _task_cells(agg, tasks)
                 if agg and best is not None and m not in unranked and agg.avg.mean is not None:
                     cells[-1].best = _rounded(agg.avg.mean) == best
-                d = fmt_delta(delta(agg, aggs.get(base))) if m == head else ""
+                d = _block_delta(agg, aggs.get(base)) if m == head else ""
                 cells.append(Cell(d, num=True))
                 t.add(cells, "block" if i == 0 else "")
     return t
@@ -394,7 +406,8 @@ def methodology(runs: list[dict], *, quoted: bool = False) -> list[tuple]:
         (
             delta_header(),
             f"mean Avg of {head} minus mean Avg of {base} in the same block, in accuracy points "
-            f"(negative when {head} loses).",
+            f"(negative when {head} loses); where the two ran on different seeds, the mean per-seed difference "
+            "over the seeds both have, followed by their count, e.g. `+1.2 (2 seeds)`.",
         ),
         (
             "Rows",
