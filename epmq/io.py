@@ -209,6 +209,23 @@ def atomic_path(path: str | os.PathLike, *, folder: bool = False, keep_existing:
     pending.commit(keep_existing=keep_existing)
 
 
+#: below this much free space a job stops before computing (a write of any artefact would fail)
+MIN_FREE_BYTES = 1 << 20
+
+
+def check_writable(paths) -> None:
+    """Each of ``paths``' folders can take a new file: a probe temp is created there and removed, and the disk
+    has at least :data:`MIN_FREE_BYTES` free. What a job calls before computing, so a read-only results folder
+    or a full disk is one line naming the path at its start, not after an hour of work."""
+    import shutil
+
+    for folder in dict.fromkeys(Path(p).parent for p in paths):
+        PendingFile(folder / ".epmq-write-probe").discard()
+        free = shutil.disk_usage(folder).free
+        if free < MIN_FREE_BYTES:
+            raise EPMQError(f"{folder}: cannot write (disk full: {free // 1024} KB free)")
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (:func:`atomic_path`)."""
     path = Path(path)

@@ -122,12 +122,20 @@ class job(log_to):
     def __init__(self, sm):
         super().__init__(sm.log[0])
         self.gpus = int(getattr(sm.resources, "gpu", 0) or 0)
+        self.outputs = [str(o) for o in sm.output]
 
     def __enter__(self):
         from epmq.device import grant
+        from epmq.io import check_writable
 
-        grant(self.gpus)
-        return super().__enter__()
+        super().__enter__()
+        try:
+            check_writable(self.outputs)  # a read-only results folder or a full disk: one line before any work
+            grant(self.gpus)
+        except BaseException:
+            self.__exit__(*sys.exc_info())  # the error ends the job's log, as any later one would
+            raise
+        return self
 
 
 def packed_mb(model, results) -> float:

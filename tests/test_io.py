@@ -308,3 +308,36 @@ def test_config_schema_is_package_data():
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["epmq"]
     assert any(Path(rel).match(pattern) for pattern in data), (rel, data)
     assert epmq.config._schema()["properties"]
+
+
+def test_a_job_checks_its_output_folders_before_any_work(tmp_path, monkeypatch):
+    """``pipeline.job`` (every rule's script) probes each output folder and the free space first: a refused
+    folder or a full disk is one line at the job's start, ending its log, and nothing is left behind."""
+    from types import SimpleNamespace
+
+    from epmq.pipeline import job
+
+    out = tmp_path / "res" / "merged" / "m.safetensors"
+    out.parent.mkdir(parents=True)
+    sm = SimpleNamespace(log=[str(tmp_path / "logs" / "m.log")], output=[str(out)], resources=SimpleNamespace(gpu=0))
+    with job(sm):
+        pass  # a writable folder with room: the job runs
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=1 << 30, used=1 << 30, free=4096))
+    ran = []
+    with pytest.raises(EPMQError, match=r"merged: cannot write \(disk full: 4 KB free\)$"):
+        with job(sm):
+            ran.append(1)
+    assert ran == [] and _entries(out.parent) == []
+    assert "cannot write (disk full" in (tmp_path / "logs" / "m.log").read_text()
+    monkeypatch.undo()
+
+    def refuse(*args, **kwargs):  # noqa: ARG001
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(eio.os, "open", refuse)
+    with pytest.raises(EPMQError, match=r"\.epmq-write-probe: cannot write \(read-only folder\)$"):
+        with job(sm):
+            ran.append(1)
+    assert ran == []
