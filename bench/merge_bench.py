@@ -163,13 +163,13 @@ def whole_job(suite: BenchSuite, method: str, params: dict, select: dict, out: P
 
     from epmq.io import save_safetensors_atomic
     from epmq.merge import merge_state_dicts
-    from epmq.pipeline import _candidates
+    from epmq.pipeline import merge_candidates
 
     base = load_file(str(suite.base_path))
     experts = [load_file(str(suite.expert_path(t))) for t in suite.tasks]
     spec = previous_method(method)
     trials, best = [], None
-    candidates = _candidates(select)
+    candidates = merge_candidates(select)
     for cand in candidates:
         sd = merge_state_dicts(base, experts, spec, **{**params, **cand})
         trial = {"params": cand}

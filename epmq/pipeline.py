@@ -208,7 +208,8 @@ def build_expert(spec: dict, task: str) -> Path:
 # ---------------------------------------------------------------------------------------------- merge
 
 
-def _candidates(select: dict) -> list[dict]:
+def merge_candidates(select: dict) -> list[dict]:
+    """Every combination of ``select``'s candidate values (keys in sorted order), ``[{}]`` when it is empty."""
     import itertools
 
     keys = sorted(select)
@@ -235,7 +236,7 @@ def merge(spec: dict, merge_id: str, method: str, params: dict, select: dict, ou
     experts = [_lazy_sd(suite.expert_path(t)) for t in suite.tasks]
     trials = []
     best = None  # (trial, its finished temp file)
-    candidates = _candidates(select)
+    candidates = merge_candidates(select)
     # a suite may merge other keys than the default (t5-glue merges lm_head too, as FusionBench does)
     extra = {"exclude": suite.merge_exclude} if getattr(suite, "merge_exclude", None) is not None else {}
     if get_method(method).needs_calibration:
