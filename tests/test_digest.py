@@ -18,7 +18,8 @@ def _safetensors(data: bytes, meta_order=("a", "b")) -> bytes:
 def _tree(root, acc=0.5, seconds=1.0, weights=_safetensors(b"abc")):
     (root / "s" / "eval").mkdir(parents=True)
     rec = {"tasks": {"a": {"accuracy": acc}}, "cost": {"quantize_seconds": seconds}, "eval_seconds": seconds,
-           "provenance": {"git_sha": str(seconds)}, "trials": [{"seconds": seconds, "params": {"lam": 0.3}}]}
+           "provenance": {"git_sha": str(seconds)}, "trials": [{"seconds": seconds, "params": {"lam": 0.3}}],
+           "train_seconds": seconds}
     (root / "s" / "eval" / "m.json").write_text(json.dumps(rec))
     (root / "s" / "merged.safetensors").write_bytes(weights)
     (root / "s" / "run.log").write_text(str(seconds))  # not part of the digest

@@ -4,7 +4,7 @@ Two runs of the same grid on the same machine produce the same digest; a refacto
 no number proves it by comparing digests before and after (``epmq digest results/ --against before.txt``).
 
 * a JSON record hashes its canonical form without the fields that measure the run rather than the result
-  (:data:`VOLATILE`: times, peak memory, versions and the git SHA);
+  (:data:`VOLATILE` and every ``*_seconds``: times, peak memory, versions and the git SHA);
 * a ``.safetensors`` file hashes its header parsed to canonical JSON (safetensors writes the ``__metadata__``
   map in a different key order in each process) followed by its tensor bytes; every other file is not part
   of the digest.
@@ -25,7 +25,7 @@ VOLATILE = frozenset({"seconds", "eval_seconds", "quantize_seconds", "peak_rss_m
 
 def _strip(obj):
     if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE}
+        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE and not k.endswith("_seconds")}
     if isinstance(obj, list):
         return [_strip(v) for v in obj]
     return obj
