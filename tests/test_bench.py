@@ -114,3 +114,17 @@ def test_grams_bench_compares_stats_dtypes(tmp_path):
     assert csv.DictReader(open(out)).fieldnames == gb.COLUMNS
     assert [row["d_in"] for row in csv.DictReader(open(out))] == ["8", "40"]
     assert "bf16_vs_rounded" in gb.format_table(rows)
+
+
+def test_precision_bench_smoke(tmp_path, capsys):
+    """bench/precision_bench.py on a tiny batch: both rows, the CPU's bf16 flags named, the CSV written."""
+    import csv
+
+    spec = importlib.util.spec_from_file_location("precision_bench", BENCH.with_name("precision_bench.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "p.csv"
+    mod.main(["--batch", "2", "--tokens", "4", "--repeats", "1", "--out", str(out)])
+    rows = list(csv.DictReader(out.open()))
+    assert [r["work"] for r in rows] == ["train", "forward"] and all(float(r["bf16_vs_fp32"]) > 0 for r in rows)
+    assert "CPU bf16 flags:" in capsys.readouterr().out
