@@ -209,3 +209,15 @@ def test_a_checkpoint_with_wrong_keys_or_shapes_is_named_in_one_line(tmp_path, d
     save_file({k: v.contiguous() for k, v in sd.items()}, path)
     with pytest.raises(EPMQError, match=message):
         suite.load_encoder(path)
+
+
+def test_more_calibration_examples_than_the_train_split_is_refused(tmp_path):
+    """A count larger than the data is an error naming the task and the limit, never silently fewer (the run
+    record states the requested count)."""
+    from epmq.suites import get_suite
+
+    suite = get_suite("tiny-vit", tmp_path / "cache", tasks=["digits"], width=16, layers=1, heads=2, output_dim=8,
+                      max_train=40)
+    assert sum(len(b) for b in suite.calibration_batches("digits", 40, seed=0, batch_size=16)) == 40
+    with pytest.raises(EPMQError, match=r"calibration_batches\(digits\): n=41: expected 1\.\.40"):
+        suite.calibration_batches("digits", 41, seed=0, batch_size=16)

@@ -297,8 +297,11 @@ class TinyViTSuite(Suite):
         x, _ = self.split(task, "train")
         if n < 1 or batch_size < 1:
             raise EPMQError(f"calibration_batches: n={n!r} and batch_size={batch_size!r} must be >= 1")
+        if n > len(x):  # never silently fewer than asked: the run records n as the count it used
+            raise EPMQError(f"calibration_batches({task}): n={n}: expected 1..{len(x)} (the task's train split; "
+                            "raise max_train or lower calibration.n_per_task)")
         g = torch.Generator().manual_seed(int(seed))
-        idx = torch.randperm(len(x), generator=g)[: min(n, len(x))]
+        idx = torch.randperm(len(x), generator=g)[:n]
         return [x[idx[i: i + batch_size]].clone() for i in range(0, len(idx), batch_size)]
 
     # -- models --------------------------------------------------------------------------------------------
