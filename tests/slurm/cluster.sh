@@ -32,11 +32,15 @@ export SLURM_CONF="$dir/slurm.conf"
 
 log() { echo "cluster.sh: $*" >&2; }
 
-pid_of() { # the live pid in pid file $1, else nothing
-  local p
+pid_of() { # the live pid in pid file $1 (a process named like the file: slurmctld.pid -> slurmctld), else nothing
+  local p want
   [ -s "$1" ] || return 0
   p=$(cat "$1")
-  if kill -0 "$p" 2>/dev/null; then echo "$p"; fi
+  want=$(basename "$1" .pid)
+  kill -0 "$p" 2>/dev/null || return 0
+  # a stale pid file (a killed test run) whose number another process now has is not a running daemon
+  if [ -r "/proc/$p/comm" ] && [ "$(cat "/proc/$p/comm")" != "$want" ]; then return 0; fi
+  echo "$p"
 }
 
 write_config() {
